@@ -1,0 +1,267 @@
+"""The ``nmt`` command: thin typer commands that each call one library function.
+
+Every problem a user can fix reaches them as one line, ``nmt: error: ...``, with exit
+status 1; progress and log messages go to stderr, translations to stdout.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from tqdm import tqdm
+
+from nmt.errors import NmtError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Neural machine translation: train, translate, evaluate.")
+data_app = typer.Typer(no_args_is_help=True, help="Download training and test corpora into $NMT_DATA.")
+app.add_typer(data_app, name="data")
+
+
+class _TqdmHandler(logging.Handler):
+    """Log lines that do not tear through a progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
+def _setup_logging(quiet: bool) -> None:
+    logger = logging.getLogger("nmt")
+    logger.handlers = [_TqdmHandler()]
+    logger.handlers[0].setFormatter(logging.Formatter("nmt: %(message)s"))
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    logger.propagate = False
+
+
+def user_errors(fn):
+    """Turn NmtError (and a bare Ctrl-C) into one line on stderr and exit status 1."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except NmtError as e:
+            typer.echo(f"nmt: error: {e}", err=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            typer.echo("nmt: interrupted", err=True)
+            raise typer.Exit(130) from None
+        except BrokenPipeError:
+            raise typer.Exit(0) from None
+    return wrapper
+
+
+@app.callback()
+def _root(quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors on stderr.")] = False):
+    _setup_logging(quiet)
+
+
+# --- train ----------------------------------------------------------------------------------
+
+@app.command()
+@user_errors
+def train(
+    recipe: Annotated[Path, typer.Argument(help="A recipe YAML file, or a run directory to resume.")],
+    run: Annotated[Optional[Path], typer.Option(help="Run directory (default: runs/<recipe name>).")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe key: --set train.lr=5e-4 (repeatable).")] = None,
+    test: Annotated[bool, typer.Option(help="After training, translate the test split with best.pt and print BLEU.")] = True,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr.")] = True,
+):
+    """Train a model from a recipe; on a run directory with last.pt, resume exactly."""
+    from nmt import config
+    from nmt.train import train as run_training
+
+    if recipe.is_dir():
+        run = run or recipe
+        recipe = recipe / "config.yaml"
+    cfg = config.load_recipe(recipe, set_ or [])
+    run_dir = run or Path("runs") / cfg.name
+    run_training(cfg, run_dir, progress_bar=progress and sys.stderr.isatty())
+    if test and cfg.data.test:
+        src, ref = config.split_paths(cfg.data, "test")
+        if src.exists() and ref.exists():
+            result = _evaluate_model(run_dir, src, ref, "best", None, progress=False)
+            typer.echo(f"test {src.name} -> {ref.name}: {result['BLEU']['line']}")
+            typer.echo(f"test {src.name} -> {ref.name}: {result['chrF2']['line']}")
+
+
+# --- translate ------------------------------------------------------------------------------
+
+def _read_input(path: Optional[Path]) -> tuple[list[str], str]:
+    from nmt.data import decode_lines, read_lines
+
+    if path is None or str(path) == "-":
+        return decode_lines(sys.stdin.buffer.read(), "<stdin>"), "<stdin>"
+    return read_lines(path), str(path)
+
+
+def _search_config(cfg, beam, n_best, length_penalty, coverage_penalty, max_sentences):
+    from nmt.config import SearchConfig
+
+    values = vars(cfg.search).copy()
+    for key, value in [("beam", beam), ("n_best", n_best), ("length_penalty", length_penalty),
+                       ("coverage_penalty", coverage_penalty), ("max_sentences", max_sentences)]:
+        if value is not None:
+            values[key] = value
+    search = SearchConfig(**values)
+    if search.beam < 1 or not 1 <= search.n_best <= search.beam:
+        raise NmtError(f"--n-best {search.n_best} must be between 1 and --beam {search.beam}")
+    return search
+
+
+def _progress(total: int, enabled: bool):
+    return tqdm(total=total, disable=not enabled, file=sys.stderr, unit="sent", dynamic_ncols=True)
+
+
+@app.command()
+@user_errors
+def translate(
+    model: Annotated[Path, typer.Option("--model", "-m", help="Run directory written by nmt train.")],
+    input: Annotated[Optional[Path], typer.Option("--input", "-i", help="Source text (default: stdin).")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Translations (default: stdout).")] = None,
+    checkpoint: Annotated[str, typer.Option(help="best, last, averaged, or a checkpoint path.")] = "best",
+    beam: Annotated[Optional[int], typer.Option(help="Beam size; 1 is greedy (default: the recipe's).")] = None,
+    n_best: Annotated[Optional[int], typer.Option(help="Print the K best per line as 'line ||| text ||| score'.")] = None,
+    length_penalty: Annotated[Optional[float], typer.Option(help="GNMT length penalty alpha.")] = None,
+    coverage_penalty: Annotated[Optional[float], typer.Option(help="GNMT coverage penalty beta.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Most sentences per batch.")] = None,
+):
+    """Translate lines from stdin (or --input) to stdout: N lines in, N lines out, in order."""
+    from nmt.checkpoint import load_run
+    from nmt.train import pick_device
+    from nmt.translate import translate as run_translate
+
+    cfg, tokenizer, net = load_run(model, checkpoint, pick_device())
+    search = _search_config(cfg, beam, n_best, length_penalty, coverage_penalty, batch_size)
+    lines, name = _read_input(input)
+    with _progress(len(lines), sys.stderr.isatty()) as bar:
+        results = run_translate(net, tokenizer, lines, search, on_batch=bar.update, source_name=name)
+    out_lines = []
+    for r in results:
+        if search.n_best == 1:
+            out_lines.append(r.texts[0])
+        else:
+            scores = [h.score for h in r.hypotheses] + [float("-inf")] * search.n_best
+            out_lines += [f"{r.line} ||| {t} ||| {s:.4f}" for t, s in zip(r.texts, scores)]
+    text = "".join(f"{line}\n" for line in out_lines)
+    if output is None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    else:
+        output.write_text(text, encoding="utf-8")
+
+
+# --- eval -----------------------------------------------------------------------------------
+
+def _evaluate_model(run_dir: Path, src: Path, ref: Path, checkpoint: str, beam: Optional[int],
+                    progress: bool) -> dict:
+    from nmt.checkpoint import load_run
+    from nmt.data import read_lines, read_parallel
+    from nmt.evaluate import bleu, chrf
+    from nmt.train import pick_device
+    from nmt.translate import translate_text
+
+    cfg, tokenizer, net = load_run(run_dir, checkpoint, pick_device())
+    search = _search_config(cfg, beam, 1, None, None, None)
+    lines, refs = read_parallel(src, ref)
+    start = time.perf_counter()
+    hyps = translate_text(net, tokenizer, lines, search)
+    seconds = time.perf_counter() - start
+    scores = [bleu(hyps, refs, "translations", str(ref)), chrf(hyps, refs, "translations", str(ref))]
+    result = {s.metric: {"score": s.score, "signature": s.signature, "line": s.line()} for s in scores}
+    result.update(src=str(src), ref=str(ref), checkpoint=checkpoint, beam=search.beam,
+                  sentences=len(lines), decode_seconds=seconds,
+                  sentences_per_s=len(lines) / max(seconds, 1e-9))
+    out_dir = Path(run_dir) / "eval"
+    out_dir.mkdir(exist_ok=True)
+    stem = f"{src.name}.{checkpoint if checkpoint in ('best', 'last', 'averaged') else 'ckpt'}.beam{search.beam}"
+    (out_dir / f"{stem}.hyp").write_text("".join(f"{h}\n" for h in hyps), encoding="utf-8")
+    (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
+    return result
+
+
+@app.command("eval")
+@user_errors
+def eval_(
+    hyp: Annotated[Optional[Path], typer.Option(help="Translations to score.")] = None,
+    ref: Annotated[Optional[Path], typer.Option(help="Reference translations, line-aligned.")] = None,
+    bleu_: Annotated[bool, typer.Option("--bleu", help="Score BLEU (sacreBLEU defaults: 13a, cased).")] = False,
+    chrf_: Annotated[bool, typer.Option("--chrf", help="Score chrF.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print sacreBLEU's JSON.")] = False,
+    width: Annotated[int, typer.Option(help="Decimals, as sacrebleu -w.")] = 1,
+    model: Annotated[Optional[Path], typer.Option("--model", "-m", help="Run directory: translate --src, then score.")] = None,
+    src: Annotated[Optional[Path], typer.Option(help="Source text to translate with --model.")] = None,
+    checkpoint: Annotated[str, typer.Option(help="With --model: best, last, averaged or a path.")] = "best",
+    beam: Annotated[Optional[int], typer.Option(help="With --model: beam size.")] = None,
+):
+    """Score translations with sacreBLEU, or translate and score in one go with --model."""
+    from nmt.data import read_lines
+    from nmt.evaluate import bleu, chrf, report
+
+    if ref is None:
+        raise NmtError("--ref is required: the reference translations")
+    if model is not None:
+        if src is None:
+            raise NmtError("--model needs --src, the source text to translate")
+        result = _evaluate_model(model, src, ref, checkpoint, beam, progress=False)
+        typer.echo(result["BLEU"]["line"])
+        typer.echo(result["chrF2"]["line"])
+        typer.echo(f"decoded {result['sentences']} sentences in {result['decode_seconds']:.1f} s "
+                   f"({result['sentences_per_s']:.1f} sentences/s); saved in {model / 'eval'}", err=True)
+        return
+    if hyp is None:
+        raise NmtError("give --hyp and --ref to score, or --model, --src and --ref")
+    hyps, refs = read_lines(hyp), read_lines(ref)
+    metrics = []
+    if bleu_ or not chrf_:
+        metrics.append(bleu(hyps, refs, str(hyp), str(ref)))
+    if chrf_:
+        metrics.append(chrf(hyps, refs, str(hyp), str(ref)))
+    typer.echo(report(metrics, as_json, width))
+
+
+# --- data -----------------------------------------------------------------------------------
+
+@data_app.command("multi30k")
+@user_errors
+def data_multi30k(
+    dest: Annotated[Optional[Path], typer.Option(help="Data root (default: $NMT_DATA or ~/.cache/nmt/data).")] = None,
+):
+    """Download Multi30k task 1 (en, de, fr, cs), check sha256, unpack to DEST/multi30k."""
+    from nmt.download import download_multi30k
+
+    path = download_multi30k(dest, progress=sys.stderr.isatty())
+    typer.echo(str(path))
+
+
+# --- average --------------------------------------------------------------------------------
+
+@app.command()
+@user_errors
+def average(
+    run: Annotated[Path, typer.Argument(help="Run directory.")],
+    last: Annotated[int, typer.Option(help="Average the last K step checkpoints.")] = 5,
+):
+    """Average the last K step checkpoints of a run into RUN/averaged.pt."""
+    from nmt import checkpoint
+
+    paths = sorted((run / "checkpoints").glob("step*.pt"), key=lambda p: int(p.stem[4:]))[-last:]
+    if len(paths) < 2:
+        raise NmtError(f"{run}/checkpoints has {len(paths)} step checkpoint(s); need at least 2 "
+                       "(set train.keep_last)")
+    checkpoint.save(checkpoint.average(paths), run / "averaged.pt")
+    typer.echo(f"{run / 'averaged.pt'}: mean of {', '.join(p.name for p in paths)}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""Self-describing checkpoints, written atomically; loading checks what they are.
+
+A checkpoint holds the resolved config, the model kind, the SHA-256 of the run's
+SentencePiece model, the training position and (for resuming) optimizer, scheduler,
+RNG and data-order state. It is written to a temporary file in the same directory and
+renamed over the old one, so a crash mid-write never leaves a half-written ``last.pt``.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nmt.errors import NmtError
+
+FORMAT = "nmt-checkpoint"
+VERSION = 1
+
+
+def save(state: dict[str, Any], path: Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"format": FORMAT, "version": VERSION, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load(path: Path, tokenizer_sha256: str | None = None) -> dict[str, Any]:
+    """Load and check a checkpoint; every failure is one NmtError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise NmtError(f"{path}: no such checkpoint; train first (nmt train) or name "
+                       "another with --checkpoint best|last|averaged|PATH")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError,
+            OSError, AttributeError, KeyError, IndexError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise NmtError(f"{path}: truncated or corrupt checkpoint ({reason[:120]}); use another "
+                       "checkpoint (best.pt, last.pt) or train again") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise NmtError(f"{path}: not an nmt checkpoint (no '{FORMAT}' header); nmt reads only "
+                       "checkpoints written by nmt train")
+    if state.get("version", 0) > VERSION:
+        raise NmtError(f"{path}: checkpoint format version {state['version']} is newer than this "
+                       f"nmt reads ({VERSION}); upgrade nmt")
+    if tokenizer_sha256 is not None and state.get("tokenizer_sha256") != tokenizer_sha256:
+        raise NmtError(f"{path}: checkpoint was trained with another SentencePiece model than "
+                       f"the run's spm.model; put the matching spm.model back or train again")
+    return state
+
+
+def average(paths: list[Path]) -> dict[str, Any]:
+    """The first checkpoint with its model parameters replaced by the mean over all."""
+    states = [load(p) for p in paths]
+    kinds = {s.get("model_kind") for s in states}
+    if len(kinds) != 1:
+        raise NmtError(f"cannot average checkpoints of different model kinds: {sorted(map(str, kinds))}")
+    out = {k: v for k, v in states[-1].items() if k not in ("optimizer", "scheduler", "rng", "scaler")}
+    model = {}
+    for name, value in states[0]["model"].items():
+        if value.is_floating_point():
+            model[name] = sum(s["model"][name].double() for s in states).div(len(states)).to(value.dtype)
+        else:
+            model[name] = value
+    out["model"] = model
+    out["averaged_from"] = [str(p) for p in paths]
+    return out
+
+
+def resolve(run_dir: Path, which: str = "best") -> Path:
+    """``best``, ``last``, ``averaged`` (files of the run) or a path to a checkpoint file."""
+    if which in ("best", "last", "averaged"):
+        return Path(run_dir) / f"{which}.pt"
+    return Path(which)
+
+
+def load_run(run_dir: Path, which: str = "best", device: str | torch.device = "cpu"):
+    """(config, tokenizer, model in eval mode) of a run directory."""
+    from nmt import config
+    from nmt.models import MODELS, build_model
+    from nmt.tokenizer import MODEL_FILE, Tokenizer
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise NmtError(f"{run_dir}: not a run directory (no config.yaml); give the directory "
+                       "nmt train wrote to")
+    if not (run_dir / MODEL_FILE).is_file():
+        raise NmtError(f"{run_dir}: has no {MODEL_FILE}; the run did not get past tokenizer training")
+    tokenizer = Tokenizer(run_dir / MODEL_FILE)
+    path = resolve(run_dir, which)
+    state = load(path, tokenizer.sha256())
+    cfg = config.from_dict(state["config"])
+    if state.get("model_kind") not in MODELS or state["model_kind"] != cfg.model.kind:
+        raise NmtError(f"{path}: unknown model kind {state.get('model_kind')!r}; "
+                       f"this nmt knows {', '.join(MODELS)}")
+    model = build_model(cfg.model, len(tokenizer))
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, KeyError) as e:
+        raise NmtError(f"{path}: parameters do not fit a {cfg.model.kind} model of this config "
+                       f"({str(e).splitlines()[0][:100]}); the checkpoint may be from another run") from None
+    return cfg, tokenizer, model.to(device).eval()

@@ -1,0 +1,86 @@
+"""Line-aligned parallel text: reading with checks, encoding, length filtering."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from nmt.errors import NmtError
+from nmt.tokenizer import Tokenizer
+
+log = logging.getLogger("nmt")
+
+
+def read_lines(path: Path) -> list[str]:
+    """All lines of a UTF-8 file, without line ends; an invalid byte is an error naming the line."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise NmtError(f"{path}: no such file; check data.dir and the language codes, "
+                       "or set NMT_DATA (nmt data multi30k downloads Multi30k)") from None
+    except IsADirectoryError:
+        raise NmtError(f"{path}: is a directory, expected a text file") from None
+    return decode_lines(data, str(path))
+
+
+def decode_lines(data: bytes, name: str) -> list[str]:
+    """Split UTF-8 bytes into lines; ``name`` is what an error calls the input."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise NmtError(f"{name}:{line}: invalid UTF-8 ({e.reason}, byte 0x{data[e.start]:02x}); "
+                       "convert the input to UTF-8, e.g. iconv -f latin1 -t utf-8") from None
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line.rstrip("\r") for line in lines]
+
+
+def read_parallel(src_path: Path, tgt_path: Path) -> tuple[list[str], list[str]]:
+    src, tgt = read_lines(src_path), read_lines(tgt_path)
+    if len(src) != len(tgt):
+        raise NmtError(f"{src_path} has {len(src)} lines but {tgt_path} has {len(tgt)}; "
+                       "parallel files must be line-aligned")
+    return src, tgt
+
+
+@dataclass
+class Parallel:
+    """Encoded pairs, without BOS/EOS; ``index`` is each pair's line number (0-based)."""
+
+    src: list[list[int]]
+    tgt: list[list[int]]
+    index: list[int]
+
+    def __len__(self) -> int:
+        return len(self.src)
+
+
+def load_parallel(src_path: Path, tgt_path: Path, tokenizer: Tokenizer,
+                  max_len: int | None = None) -> Parallel:
+    """Read, encode and filter a training corpus; dropped pairs are counted and logged.
+
+    Pairs with an empty side are dropped (they teach nothing); pairs longer than
+    ``max_len`` subword tokens on either side are dropped when a limit is given.
+    """
+    src_lines, tgt_lines = read_parallel(src_path, tgt_path)
+    keep = [i for i, (s, t) in enumerate(zip(src_lines, tgt_lines)) if s.strip() and t.strip()]
+    empty = len(src_lines) - len(keep)
+    src = tokenizer.encode([src_lines[i].strip() for i in keep])
+    tgt = tokenizer.encode([tgt_lines[i].strip() for i in keep])
+    too_long = 0
+    if max_len:
+        kept = [j for j in range(len(keep)) if len(src[j]) <= max_len and len(tgt[j]) <= max_len]
+        too_long = len(keep) - len(kept)
+        src, tgt, keep = [src[j] for j in kept], [tgt[j] for j in kept], [keep[j] for j in kept]
+    log.info("%s: %d pairs kept, %d dropped as empty, %d dropped as longer than %s tokens",
+             src_path.name, len(keep), empty, too_long, max_len)
+    if not keep:
+        raise NmtError(f"{src_path}: no usable sentence pairs (all empty or longer than "
+                       f"data.max_len={max_len})")
+    return Parallel(src, tgt, keep)

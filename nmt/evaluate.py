@@ -1,0 +1,68 @@
+"""BLEU and chrF with sacreBLEU, on detokenized text against raw references.
+
+Validation during training and ``nmt eval`` call the same functions, so the number a run
+reports is the number the sacrebleu command line gives on the same files.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+from sacrebleu.metrics import BLEU, CHRF
+
+from nmt.errors import NmtError
+
+
+@dataclass
+class Score:
+    metric: str  # "BLEU" or "chrF2"
+    score: float
+    signature: str
+    verbose: str  # sacreBLEU's detail: n-gram precisions, brevity penalty, lengths
+
+    def line(self, width: int = 1) -> str:
+        """The line ``sacrebleu -f text -w WIDTH`` prints."""
+        return f"{self.metric}|{self.signature} = {self.score:.{width}f} {self.verbose}".rstrip()
+
+    def to_json(self, width: int = 1) -> dict:
+        """The object ``sacrebleu -w WIDTH`` prints as JSON."""
+        out = {"name": self.metric, "score": round(self.score, width), "signature": self.signature}
+        if self.verbose:
+            out["verbose_score"] = self.verbose
+        out.update(part.split(":", 1) for part in self.signature.split("|"))
+        return out
+
+
+def _check(hyps: list[str], refs: list[str], hyp_name: str, ref_name: str) -> None:
+    if len(hyps) != len(refs):
+        raise NmtError(f"{hyp_name} has {len(hyps)} lines but {ref_name} has {len(refs)}; "
+                       "hypotheses and references must be line-aligned")
+
+
+def bleu(hyps: list[str], refs: list[str], hyp_name: str = "hypotheses",
+         ref_name: str = "references") -> Score:
+    _check(hyps, refs, hyp_name, ref_name)
+    metric = BLEU()
+    result = metric.corpus_score(hyps, [refs])
+    verbose = str(result)[len(f"BLEU = {result.score:.2f} "):]
+    return Score("BLEU", result.score, str(metric.get_signature()), verbose)
+
+
+def chrf(hyps: list[str], refs: list[str], hyp_name: str = "hypotheses",
+         ref_name: str = "references") -> Score:
+    _check(hyps, refs, hyp_name, ref_name)
+    metric = CHRF()
+    result = metric.corpus_score(hyps, [refs])
+    return Score("chrF2", result.score, str(metric.get_signature()), "")
+
+
+def report(scores: list[Score], as_json: bool, width: int = 1) -> str:
+    if as_json:
+        items = [s.to_json(width) for s in scores]
+        return json.dumps(items[0] if len(items) == 1 else items, indent=1, ensure_ascii=False)
+    return "\n".join(s.line(width) for s in scores)
+
+
+def to_record(scores: list[Score]) -> dict:
+    return {s.metric: asdict(s) for s in scores}

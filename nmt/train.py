@@ -1,0 +1,417 @@
+"""Training: one loop for every model, with validation, checkpoints and exact resume.
+
+A run directory holds ``config.yaml`` (the resolved recipe), ``spm.model``, ``log.jsonl``
+and checkpoints. Running ``train`` on a directory that has a ``last.pt`` resumes exactly:
+model, optimizer, schedule, step, the position in the epoch's batch order and the RNG
+states are restored, so stopping and resuming gives the same parameters as not stopping.
+
+Two clocks are kept apart: ``train_seconds`` counts only the updates, ``valid_seconds``
+counts validation and checkpoint writing; time limits and reports use the first.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from nmt import checkpoint, config
+from nmt.batching import EpochBatches, collate
+from nmt.config import Config
+from nmt.data import Parallel, load_parallel, read_parallel
+from nmt.errors import NmtError
+from nmt.evaluate import bleu
+from nmt.loss import label_smoothed_nll
+from nmt.models import build_model, count_parameters
+from nmt.tokenizer import MODEL_FILE, Tokenizer, file_sha256, train_tokenizer
+from nmt.translate import translate_text
+
+log = logging.getLogger("nmt")
+
+
+def inverse_sqrt(warmup: int):
+    """Linear warmup to the peak, then decay with 1/sqrt(step) (Vaswani et al. 2017)."""
+    def factor(step: int) -> float:
+        step = max(step, 1)
+        return min(step / max(warmup, 1), math.sqrt(max(warmup, 1) / step))
+    return factor
+
+
+@dataclass
+class Progress:
+    """Where training stands; saved in every checkpoint."""
+
+    step: int = 0
+    epoch: int = 1
+    batch_in_epoch: int = 0  # updates' worth of batches already taken from this epoch
+    train_seconds: float = 0.0
+    valid_seconds: float = 0.0
+    best_bleu: float = -1.0
+    best_step: int = 0
+    bad_validations: int = 0
+    saved_steps: list[int] = field(default_factory=list)
+
+
+def pick_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+# --- the run directory ------------------------------------------------------------------
+
+def prepare_run(cfg: Config, run_dir: Path) -> tuple[Config, bool]:
+    """Create or reopen a run directory; returns the config to use and whether to resume."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    saved_path = run_dir / "config.yaml"
+    resume = (run_dir / "last.pt").exists()
+    if resume and saved_path.exists():
+        saved = config.load_recipe(saved_path)
+        blocking = [c for c in config.changed_keys(config.to_dict(saved), config.to_dict(cfg))
+                    if c[0] not in config.RESUMABLE_CHANGES]
+        if blocking:
+            key, old, new = blocking[0]
+            more = f" (and {len(blocking) - 1} more)" if len(blocking) > 1 else ""
+            raise NmtError(f"{run_dir} was trained with {key}={old!r}, the recipe now says "
+                           f"{new!r}{more}; train into a new --run directory, or set it back "
+                           "to resume")
+    config.save(cfg, saved_path)
+    return cfg, resume
+
+
+def prepare_tokenizer(cfg: Config, run_dir: Path, train_src: Path, train_tgt: Path) -> Tokenizer:
+    path = run_dir / MODEL_FILE
+    if path.exists():
+        return Tokenizer(path)
+    if cfg.tokenizer.reuse:
+        source = Path(cfg.tokenizer.reuse)
+        source = source / MODEL_FILE if source.is_dir() else source
+        if not source.is_file():
+            raise NmtError(f"tokenizer.reuse: {source} does not exist; name a run directory "
+                           "that has an spm.model, or a .model file")
+        shutil.copyfile(source, path)
+        return Tokenizer(path)
+    src, tgt = read_parallel(train_src, train_tgt)
+    log.info("training a joint SentencePiece model (%d pieces) on %s and %s",
+             cfg.tokenizer.vocab_size, train_src.name, train_tgt.name)
+    return train_tokenizer([s.strip() for s in src] + [t.strip() for t in tgt], run_dir,
+                           cfg.tokenizer.vocab_size, cfg.tokenizer.model_type, cfg.train.seed)
+
+
+class JsonLog:
+    def __init__(self, path: Path, enabled: bool = True):
+        self.path = path
+        self.enabled = enabled
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records written after the checkpoint a run resumes from."""
+        if not self.enabled or not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line)
+            except json.JSONDecodeError:
+                continue
+        self.path.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+
+    def write(self, **record) -> None:
+        if self.enabled:
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+# --- the trainer --------------------------------------------------------------------------
+
+class Trainer:
+    def __init__(self, cfg: Config, run_dir: Path, progress_bar: bool = True,
+                 rank: int = 0, world_size: int = 1, device: torch.device | None = None):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.rank, self.world_size = rank, world_size
+        self.main = rank == 0
+        self.device = device or pick_device()
+        self.progress_bar = progress_bar and self.main
+        self.stop_requested = False
+        tc = cfg.train
+        if tc.threads:
+            torch.set_num_threads(tc.threads)
+        torch.manual_seed(tc.seed)
+        random.seed(tc.seed)
+
+        train_src, train_tgt = config.split_paths(cfg.data, "train")
+        self.tokenizer = prepare_tokenizer(cfg, self.run_dir, train_src, train_tgt)
+        self.train_data = load_parallel(train_src, train_tgt, self.tokenizer, cfg.data.max_len)
+        valid_src, valid_tgt = config.split_paths(cfg.data, "valid")
+        self.valid_src, self.valid_ref = read_parallel(valid_src, valid_tgt)
+        self.valid_data = load_parallel(valid_src, valid_tgt, self.tokenizer, cfg.model.max_positions - 1)
+        self.batches = EpochBatches(self.train_data, tc.max_tokens, tc.seed, rank, world_size)
+        if not self.batches.epoch(1):
+            raise NmtError(f"train.max_tokens={tc.max_tokens} with {world_size} rank(s) leaves no "
+                           "batch in an epoch; use fewer ranks or more data")
+
+        self.model = build_model(cfg.model, len(self.tokenizer)).to(self.device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=tc.lr, betas=tuple(tc.adam_betas),
+                                          eps=tc.adam_eps, weight_decay=tc.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, inverse_sqrt(tc.warmup_steps))
+        self.state = Progress()
+        self.log = JsonLog(self.run_dir / "log.jsonl", enabled=self.main)
+        self.autocast = (torch.autocast(self.device.type, dtype=getattr(torch, {"bf16": "bfloat16",
+                         "fp16": "float16"}[tc.precision])) if tc.precision != "fp32" else nullcontext())
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=tc.precision == "fp16")
+
+    # --- checkpoints
+
+    def _meta(self) -> dict:
+        return {"config": config.to_dict(self.cfg), "model_kind": self.cfg.model.kind,
+                "tokenizer_sha256": file_sha256(self.tokenizer.path), "step": self.state.step,
+                "vocab_size": len(self.tokenizer)}
+
+    def save(self, name: str, full: bool) -> None:
+        if not self.main:
+            return
+        state = {**self._meta(), "model": self.model.state_dict()}
+        if full:
+            state.update(
+                optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+                scaler=self.scaler.state_dict(), progress=vars(self.state).copy(),
+                rng={"torch": torch.get_rng_state(), "python": list(_flatten(random.getstate())),
+                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+            )
+        checkpoint.save(state, self.run_dir / name)
+
+    def resume(self) -> None:
+        path = self.run_dir / "last.pt"
+        state = checkpoint.load(path, file_sha256(self.tokenizer.path))
+        if state.get("model_kind") != self.cfg.model.kind:
+            raise NmtError(f"{path} holds a {state.get('model_kind')} model but the recipe asks "
+                           f"for {self.cfg.model.kind}; train into a new --run directory")
+        if "optimizer" not in state:
+            raise NmtError(f"{path} has no training state to resume from; train into a new --run")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.state = Progress(**state["progress"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(_unflatten(state["rng"]["python"]))
+        if state["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        self.log.truncate_after(self.state.step)
+        log.info("resuming %s at step %d (epoch %d)", self.run_dir, self.state.step, self.state.epoch)
+
+    # --- training
+
+    def _limits_reached(self) -> str | None:
+        tc, st = self.cfg.train, self.state
+        if tc.max_steps and st.step >= tc.max_steps:
+            return f"reached train.max_steps={tc.max_steps}"
+        if tc.max_epochs and st.epoch > tc.max_epochs:
+            return f"reached train.max_epochs={tc.max_epochs}"
+        if tc.max_minutes and st.train_seconds >= tc.max_minutes * 60:
+            return f"reached train.max_minutes={tc.max_minutes:g}"
+        if tc.patience and st.bad_validations >= tc.patience:
+            return f"no better valid BLEU in {tc.patience} validations (train.patience)"
+        return None
+
+    def _next_group(self) -> list[list[int]]:
+        """The micro-batches of the next update; moves the position in the epoch forward."""
+        st, uf = self.state, self.cfg.train.update_freq
+        order = self.batches.epoch(st.epoch)
+        group = order[st.batch_in_epoch : st.batch_in_epoch + uf]
+        st.batch_in_epoch += len(group)
+        if st.batch_in_epoch >= len(order):
+            st.epoch, st.batch_in_epoch = st.epoch + 1, 0
+        return group
+
+    def update(self, group: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """One optimizer step over the micro-batches of ``group``; returns summed loss, nll, tokens."""
+        tc = self.cfg.train
+        batches = [collate(self.train_data, idx).to(self.device) for idx in group]
+        ntokens = sum(b.ntokens for b in batches)
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), device=self.device)
+        nll_sum = torch.zeros((), device=self.device)
+        for batch in batches:
+            with self.autocast:
+                logits = self.model(batch.src, batch.src_lens, batch.tgt_in)
+            loss, nll = label_smoothed_nll(logits, batch.tgt_out, tc.label_smoothing)
+            self.scaler.scale(loss / ntokens).backward()
+            loss_sum += loss.detach()
+            nll_sum += nll
+        self.scaler.unscale_(self.optimizer)
+        if tc.clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.clip_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return loss_sum, nll_sum, ntokens
+
+    @torch.no_grad()
+    def validate(self) -> dict:
+        self.model.eval()
+        loss_sum, nll_sum, ntokens = 0.0, 0.0, 0
+        batches = EpochBatches(self.valid_data, self.cfg.train.max_tokens, 0).epoch(0)
+        for idx in batches:
+            batch = collate(self.valid_data, idx).to(self.device)
+            with self.autocast:
+                logits = self.model(batch.src, batch.src_lens, batch.tgt_in)
+            loss, nll = label_smoothed_nll(logits, batch.tgt_out, self.cfg.train.label_smoothing)
+            loss_sum, nll_sum, ntokens = loss_sum + float(loss), nll_sum + float(nll), ntokens + batch.ntokens
+        search = config.SearchConfig(**{**vars(self.cfg.search), "beam": self.cfg.train.valid_beam,
+                                        "n_best": 1})
+        hyps = translate_text(self.model, self.tokenizer, self.valid_src, search)
+        score = bleu(hyps, self.valid_ref)
+        return {"valid_loss": loss_sum / ntokens, "valid_ppl": math.exp(min(nll_sum / ntokens, 50)),
+                "valid_bleu": score.score, "valid_bleu_signature": score.signature}
+
+    def _validate_and_save(self) -> None:
+        st, tc = self.state, self.cfg.train
+        start = time.perf_counter()
+        result = self.validate()
+        improved = result["valid_bleu"] > st.best_bleu
+        if improved:
+            st.best_bleu, st.best_step, st.bad_validations = result["valid_bleu"], st.step, 0
+            self.save("best.pt", full=False)
+        else:
+            st.bad_validations += 1
+        if tc.keep_last:
+            self.save(f"checkpoints/step{st.step}.pt", full=False)
+            st.saved_steps = [*st.saved_steps, st.step][-tc.keep_last:]
+            self._prune_step_checkpoints()
+        st.valid_seconds += time.perf_counter() - start
+        self.save("last.pt", full=True)
+        self.log.write(event="valid", step=st.step, epoch=st.epoch, **result, best_bleu=st.best_bleu,
+                       train_seconds=round(st.train_seconds, 3), valid_seconds=round(st.valid_seconds, 3))
+        log.info("step %d: valid loss %.3f, ppl %.2f, BLEU %.2f%s", st.step, result["valid_loss"],
+                 result["valid_ppl"], result["valid_bleu"], " (best)" if improved else "")
+
+    def _prune_step_checkpoints(self) -> None:
+        if not self.main:
+            return
+        keep = {f"step{s}.pt" for s in self.state.saved_steps}
+        for path in (self.run_dir / "checkpoints").glob("step*.pt"):
+            if path.name not in keep:
+                path.unlink()
+
+    def _request_stop(self, signum, frame) -> None:
+        if self.stop_requested:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.stop_requested = True
+
+    def train(self) -> Progress:
+        tc, st = self.cfg.train, self.state
+        reason = self._limits_reached()
+        if reason:
+            log.info("%s: already finished (%s); raise the limit to train further", self.run_dir, reason)
+            return st
+        if st.step == 0:
+            self.log.write(event="start", params=count_parameters(self.model), device=str(self.device),
+                           world_size=self.world_size, threads=torch.get_num_threads(),
+                           precision=tc.precision, max_tokens=tc.max_tokens, update_freq=tc.update_freq,
+                           effective_batch_tokens=self.world_size * tc.max_tokens * tc.update_freq,
+                           train_pairs=len(self.train_data), step=0)
+        log.info("model %s: %s parameters; %d training pairs; %d threads on %s", self.cfg.model.kind,
+                 f"{count_parameters(self.model):,}", len(self.train_data), torch.get_num_threads(),
+                 self.device)
+        handlers = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)} \
+            if _main_thread() else {}
+        bar = tqdm(total=tc.max_steps or None, initial=st.step, disable=not self.progress_bar,
+                   file=sys.stderr, dynamic_ncols=True, unit="step")
+        window = {"loss": torch.zeros(()), "nll": torch.zeros(()), "tokens": 0, "seconds": 0.0, "steps": 0}
+        validated_at = st.step
+        try:
+            while not (reason := self._limits_reached()):
+                if self.stop_requested:
+                    raise KeyboardInterrupt
+                start = time.perf_counter()
+                loss, nll, ntokens = self.update(self._next_group())
+                st.step += 1
+                seconds = time.perf_counter() - start
+                st.train_seconds += seconds
+                window["loss"] = window["loss"] + loss.cpu()
+                window["nll"] = window["nll"] + nll.cpu()
+                window["tokens"] += ntokens
+                window["seconds"] += seconds
+                window["steps"] += 1
+                bar.update(1)
+                if st.step % tc.log_every == 0:
+                    self._log_window(window, bar)
+                if tc.valid_every and st.step % tc.valid_every == 0:
+                    self._validate_and_save()
+                    validated_at = st.step
+        except KeyboardInterrupt:
+            bar.close()
+            self.save("last.pt", full=True)
+            raise NmtError(f"interrupted at step {st.step}; {self.run_dir / 'last.pt'} is saved: "
+                           "run the same command to resume") from None
+        finally:
+            for s, h in handlers.items():
+                signal.signal(s, h)
+        bar.close()
+        if window["steps"]:
+            self._log_window(window, None)
+        if validated_at != st.step:
+            self._validate_and_save()
+        if tc.average_last and len(st.saved_steps) > 1 and self.main:
+            paths = [self.run_dir / "checkpoints" / f"step{s}.pt" for s in st.saved_steps[-tc.average_last:]]
+            checkpoint.save(checkpoint.average(paths), self.run_dir / "averaged.pt")
+        log.info("stopped at step %d: %s; best valid BLEU %.2f at step %d", st.step, reason,
+                 st.best_bleu, st.best_step)
+        self.log.write(event="end", step=st.step, reason=reason, train_seconds=round(st.train_seconds, 3),
+                       valid_seconds=round(st.valid_seconds, 3), best_bleu=st.best_bleu,
+                       best_step=st.best_step)
+        return st
+
+    def _log_window(self, window: dict, bar) -> None:
+        st = self.state
+        tokens = max(window["tokens"], 1)
+        record = {
+            "step": st.step, "epoch": st.epoch,
+            "loss": float(window["loss"]) / tokens, "nll": float(window["nll"]) / tokens,
+            "lr": self.scheduler.get_last_lr()[0],
+            "tokens_per_s": window["tokens"] * self.world_size / max(window["seconds"], 1e-9),
+            "train_seconds": round(st.train_seconds, 3), "valid_seconds": round(st.valid_seconds, 3),
+        }
+        self.log.write(event="train", **record)
+        if bar is not None:
+            bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
+                            tok_s=f"{record['tokens_per_s']:.0f}", epoch=st.epoch, refresh=False)
+        window.update(loss=torch.zeros(()), nll=torch.zeros(()), tokens=0, seconds=0.0, steps=0)
+
+
+def _main_thread() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
+
+
+def _flatten(state) -> list:
+    version, internal, gauss = state
+    return [version, *internal, gauss]
+
+
+def _unflatten(flat: list):
+    return (flat[0], tuple(flat[1:-1]), flat[-1])
+
+
+def train(cfg: Config, run_dir: Path, progress_bar: bool = True) -> Progress:
+    """Train ``cfg`` into ``run_dir``, resuming if it holds a ``last.pt``."""
+    cfg, resume = prepare_run(cfg, Path(run_dir))
+    trainer = Trainer(cfg, run_dir, progress_bar=progress_bar)
+    if resume:
+        trainer.resume()
+    return trainer.train()
