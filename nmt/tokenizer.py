@@ -75,7 +75,7 @@ def train_tokenizer(lines: Iterable[str], out_dir: Path, vocab_size: int, model_
             minloglevel=2,
         )
     except RuntimeError as e:
-        raise NmtError(f"SentencePiece training failed: {e}; lower tokenizer.vocab_size or "
-                       "give it more training text") from None
+        raise NmtError(f"SentencePiece training failed: {e}; adjust tokenizer.vocab_size to "
+                       "what the message asks, or give it more training text") from None
     Path(f"{prefix}.vocab").unlink(missing_ok=True)
     return Tokenizer(out_dir / MODEL_FILE)

@@ -1,0 +1,122 @@
+"""Tokenizer, reading parallel text, and token-budget batching."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from nmt.batching import EpochBatches, collate, make_batches, shard
+from nmt.data import load_parallel, read_lines, read_parallel
+from nmt.errors import NmtError
+from nmt.tokenizer import BOS, EOS, PAD, UNK, Tokenizer, train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory, corpus) -> Tokenizer:
+    lines = read_lines(corpus / "train.en") + read_lines(corpus / "train.de")
+    return train_tokenizer(lines, tmp_path_factory.mktemp("spm"), vocab_size=300)
+
+
+# --- tokenizer
+
+@pytest.mark.parametrize("text", ["ein Hund 🐕 läuft", "猫が寝ている", "tab\tbell\x07end", "Ünïcödé ∑ ≠ ∞"])
+def test_no_unknown_token_for_any_input(tokenizer: Tokenizer, text: str) -> None:
+    (ids,) = tokenizer.encode([text])
+    assert UNK not in ids
+    assert tokenizer.decode([ids]) == [text]
+
+
+def test_special_ids(tokenizer: Tokenizer) -> None:
+    sp = tokenizer.sp
+    assert (sp.pad_id(), sp.unk_id(), sp.bos_id(), sp.eos_id()) == (PAD, UNK, BOS, EOS)
+    assert len(tokenizer) == 300
+
+
+def test_foreign_tokenizer_file(tmp_path: Path) -> None:
+    path = tmp_path / "spm.model"
+    path.write_bytes(b"not a model")
+    with pytest.raises(NmtError, match="not a readable SentencePiece model"):
+        Tokenizer(path)
+
+
+# --- reading
+
+def test_mismatched_line_counts_name_both_files(tmp_path: Path) -> None:
+    (tmp_path / "a.en").write_text("one\ntwo\nthree\n", encoding="utf-8")
+    (tmp_path / "a.de").write_text("eins\nzwei\n", encoding="utf-8")
+    with pytest.raises(NmtError) as err:
+        read_parallel(tmp_path / "a.en", tmp_path / "a.de")
+    assert "a.en has 3 lines" in str(err.value) and "a.de has 2" in str(err.value)
+
+
+def test_invalid_utf8_names_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "bad.en"
+    path.write_bytes(b"fine\nalso fine\ncaf\xe9 latin-1\n")
+    with pytest.raises(NmtError, match=r"bad.en:3: invalid UTF-8"):
+        read_lines(path)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(NmtError, match="no such file"):
+        read_lines(tmp_path / "absent.en")
+
+
+def test_crlf_and_bom_are_not_part_of_lines(tmp_path: Path) -> None:
+    path = tmp_path / "win.en"
+    path.write_bytes("\ufeffone\r\ntwo\r\n".encode())
+    assert read_lines(path) == ["one", "two"]
+
+
+def test_empty_and_overlong_pairs_dropped_and_counted(tmp_path: Path, tokenizer, caplog) -> None:
+    (tmp_path / "t.en").write_text("one two\n\nred dog\n" + "cat " * 2500 + "\nbig house\n", encoding="utf-8")
+    (tmp_path / "t.de").write_text("eins zwei\nleer\n\nKatze\ngroß Haus\n", encoding="utf-8")
+    with caplog.at_level("INFO", logger="nmt"):
+        data = load_parallel(tmp_path / "t.en", tmp_path / "t.de", tokenizer, max_len=50)
+    assert data.index == [0, 4]
+    assert "2 dropped as empty, 1 dropped as longer than 50" in caplog.text
+
+
+# --- batching
+
+def test_batches_respect_padded_budget_and_cover_every_pair_once() -> None:
+    src = [3 + (i * 7) % 40 for i in range(500)]
+    tgt = [2 + (i * 5) % 45 for i in range(500)]
+    batches = make_batches(src, tgt, max_tokens=300, seed=1, epoch=1)
+    assert sorted(i for b in batches for i in b) == list(range(500))
+    for b in batches:
+        assert len(b) * max(max(src[i], tgt[i]) for i in b) <= 300
+
+
+def test_batch_order_deterministic_per_epoch_and_reshuffled() -> None:
+    lens = [5 + i % 30 for i in range(400)]
+    first = make_batches(lens, lens, 256, seed=7, epoch=1)
+    assert first == make_batches(lens, lens, 256, seed=7, epoch=1)
+    assert first != make_batches(lens, lens, 256, seed=7, epoch=2)
+    assert first != make_batches(lens, lens, 256, seed=8, epoch=1)
+
+
+def test_shards_are_disjoint_and_equal_in_number() -> None:
+    batches = [[i] for i in range(11)]
+    shards = [shard(batches, r, 3) for r in range(3)]
+    assert [len(s) for s in shards] == [3, 3, 3]
+    flat = [i for s in shards for b in s for i in b]
+    assert len(flat) == len(set(flat)) == 9
+
+
+def test_collate_adds_bos_eos_and_counts_target_tokens(corpus, tokenizer) -> None:
+    data = load_parallel(corpus / "valid.en", corpus / "valid.de", tokenizer)
+    batch = collate(data, [0, 1, 2])
+    assert (batch.tgt_in[:, 0] == BOS).all()
+    assert batch.ntokens == sum(len(data.tgt[i]) + 1 for i in range(3))
+    for row in range(3):
+        n = int(batch.src_lens[row])
+        assert batch.src[row, n - 1] == EOS and (batch.src[row, n:] == PAD).all()
+    assert list(batch.src_lens) == sorted(batch.src_lens.tolist(), reverse=True)
+
+
+def test_epoch_batches_rank_sharding(corpus, tokenizer) -> None:
+    data = load_parallel(corpus / "train.en", corpus / "train.de", tokenizer)
+    ranks = [EpochBatches(data, 400, seed=1, rank=r, world_size=2).epoch(3) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) > 0
+    assert not {i for b in ranks[0] for i in b} & {i for b in ranks[1] for i in b}

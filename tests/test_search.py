@@ -1,0 +1,307 @@
+"""Greedy and beam search (nmt/search.py) against models whose answers are known by hand.
+
+Most tests use ``TableModel``: a Seq2Seq with no parameters whose next-token
+distribution is looked up in a dict keyed by the context (first source token, *target
+tokens so far). A token an entry does not list has probability 0, and a context with no
+entry ends the sentence, so every expected answer below is worked out in a comment.
+The rest use a small randomly initialised Transformer, where the answer is not known
+but two ways of searching must agree (beam 1 and greedy, batched and one by one).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from nmt.config import TransformerConfig
+from nmt.models import build_model
+from nmt.models.base import Memory, Seq2Seq
+from nmt.search import Hypothesis, beam_search, greedy_search, length_penalty, search
+from nmt.tokenizer import BOS, EOS, PAD
+
+# A long CPU training may share the machine: keep these tests on one core.
+torch.set_num_threads(1)
+
+A, B, C, D, E = 4, 5, 6, 7, 8  # target words
+X, Y = 10, 11  # source words: the first source token picks the table rows
+VOCAB = 12
+
+Context = tuple[int, ...]
+Table = dict[Context, dict[int, float]]
+
+
+@dataclass
+class TableState:
+    contexts: list[Context]  # per row: (first source token, *target tokens so far)
+    attention: torch.Tensor | None = None  # (N, S) when the model has attention
+
+    def select(self, index: torch.Tensor) -> TableState:
+        attention = None if self.attention is None else self.attention[index]
+        return TableState([self.contexts[i] for i in index.tolist()], attention)
+
+
+class TableModel(Seq2Seq):
+    """Next-token probabilities from ``table[context]`` (``default`` for unlisted contexts).
+
+    ``attention[context]`` is the step's attention over the source, when given. ``rows``
+    records how many rows each ``step`` call decoded, to see sentences leave the batch.
+    """
+
+    def __init__(self, table: Table, attention: dict[Context, list[float]] | None = None,
+                 default: dict[int, float] | None = None, max_positions: int = 64):
+        super().__init__()
+        self.table, self.attend = table, attention
+        self.default = default if default is not None else {EOS: 1.0}
+        self._max_positions = max_positions
+        self.rows: list[int] = []
+
+    @property
+    def max_positions(self) -> int:
+        return self._max_positions
+
+    def encode(self, src: torch.Tensor, src_lens: torch.Tensor) -> Memory:
+        # The "encoder output" is the source ids themselves: all the table needs.
+        return Memory(src[:, :, None].float(), src != PAD)
+
+    def init_state(self, memory: Memory) -> TableState:
+        return TableState([(int(s),) for s in memory.states[:, 0, 0].tolist()])
+
+    def step(self, tokens: torch.Tensor, state: TableState) -> tuple[torch.Tensor, TableState]:
+        self.rows.append(len(tokens))
+        # The first step is fed BOS, which is not part of the context.
+        contexts = [c if t == BOS else (*c, t) for c, t in zip(state.contexts, tokens.tolist())]
+        probs = torch.zeros(len(contexts), VOCAB)
+        for row, context in enumerate(contexts):
+            for token, p in self.table.get(context, self.default).items():
+                probs[row, token] = p
+        attention = None
+        if self.attend is not None:
+            # Rows of dead beams (reached through probability 0) have contexts nobody listed.
+            width = len(next(iter(self.attend.values())))
+            attention = torch.tensor([self.attend.get(c, [0.0] * width) for c in contexts])
+        return probs.log(), TableState(contexts, attention)
+
+
+def source(*rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A padded source batch and its lengths."""
+    src = torch.full((len(rows), max(map(len, rows))), PAD)
+    for i, row in enumerate(rows):
+        src[i, : len(row)] = torch.tensor(row)
+    return src, torch.tensor([len(row) for row in rows])
+
+
+def tokens_of(result: list[list[Hypothesis]]) -> list[list[list[int]]]:
+    return [[h.tokens for h in hyps] for hyps in result]
+
+
+# Greedy takes A (0.5 > 0.4) and then C: P(A C) = 0.5 * 0.4 = 0.2.
+# Beam 2 keeps A and B (EOS, 0.1, ranks third: outside the beam, not finished); at step 2
+# the candidates are BC 0.36, AC 0.2, AD 0.175, AE 0.125, BD 0.04, so the beams are BC and
+# AC; both end at step 3, and B C (0.36) beats A C (0.2).
+BEAM_BEATS_GREEDY: Table = {
+    (X,): {A: 0.5, B: 0.4, EOS: 0.1},
+    (X, A): {C: 0.4, D: 0.35, E: 0.25},
+    (X, A, C): {EOS: 1.0},
+    (X, B): {C: 0.9, D: 0.1},
+    (X, B, C): {EOS: 1.0},
+}
+
+
+def test_beam_finds_a_more_probable_sentence_than_greedy() -> None:
+    model = TableModel(BEAM_BEATS_GREEDY)
+    src, lens = source([X])
+    greedy = greedy_search(model, src, lens)
+    beam = beam_search(model, src, lens, beam=2, length_alpha=0.0)
+    assert tokens_of(greedy) == [[[A, C]]]
+    assert greedy[0][0].log_prob == pytest.approx(math.log(0.2))
+    assert tokens_of(beam) == [[[B, C]]]
+    assert beam[0][0].log_prob == pytest.approx(math.log(0.36))
+    assert beam[0][0].score == pytest.approx(math.log(0.36))  # alpha 0: the score is log P
+
+
+def test_search_picks_greedy_for_beam_1_and_beam_search_otherwise() -> None:
+    model = TableModel(BEAM_BEATS_GREEDY)
+    src, lens = source([X])
+    assert tokens_of(search(model, src, lens, beam=1)) == [[[A, C]]]
+    assert tokens_of(search(model, src, lens, beam=2, length_alpha=0.0)) == [[[B, C]]]
+
+
+@pytest.fixture(scope="module")
+def transformer() -> Seq2Seq:
+    torch.manual_seed(0)
+    cfg = TransformerConfig(d_model=32, heads=2, ffn=64, encoder_layers=1, decoder_layers=1, max_positions=64)
+    return build_model(cfg, vocab_size=40).eval()
+
+
+def random_source(lengths: list[int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return source(*(torch.randint(EOS + 1, 40, (n,), generator=g).tolist() for n in lengths))
+
+
+def test_beam_1_is_greedy(transformer: Seq2Seq) -> None:
+    model = TableModel(BEAM_BEATS_GREEDY)
+    src, lens = source([X])
+    assert tokens_of(beam_search(model, src, lens, beam=1)) == tokens_of(greedy_search(model, src, lens))
+
+    src, lens = random_source([3, 7, 5, 1, 9], seed=1)
+    greedy = greedy_search(transformer, src, lens)
+    beam = beam_search(transformer, src, lens, beam=1)
+    assert tokens_of(beam) == tokens_of(greedy)
+    for g, b in zip(greedy, beam):
+        assert b[0].log_prob == pytest.approx(g[0].log_prob, abs=1e-4)
+
+
+@pytest.mark.parametrize("beam, beta", [(1, 0.0), (4, 0.0), (4, 0.5)])
+def test_batched_search_equals_one_sentence_at_a_time(transformer: Seq2Seq, beam: int, beta: float) -> None:
+    # Different lengths give different length limits, so sentences leave the batch at
+    # different steps and the rows of the survivors are reindexed.
+    src, lens = random_source([6, 2, 9, 4, 1, 7], seed=2)
+    kwargs = {"length_alpha": 0.6, "coverage_beta": beta} if beam > 1 else {}
+    batched = search(transformer, src, lens, beam=beam, n_best=beam, **kwargs)
+    for i, n in enumerate(lens.tolist()):
+        alone = search(transformer, src[i : i + 1, :n], lens[i : i + 1], beam=beam, n_best=beam, **kwargs)[0]
+        assert [h.tokens for h in batched[i]] == [h.tokens for h in alone]
+        assert [h.score for h in batched[i]] == pytest.approx([h.score for h in alone], abs=1e-4)
+
+
+def test_n_best_is_sorted_distinct_and_starts_with_the_1_best(transformer: Seq2Seq) -> None:
+    src, lens = random_source([5, 8, 3], seed=3)
+    best = beam_search(transformer, src, lens, beam=4)
+    n_best = beam_search(transformer, src, lens, beam=4, n_best=3)
+    for one, hyps in zip(best, n_best):
+        assert len(hyps) == 3
+        scores = [h.score for h in hyps]
+        assert scores == sorted(scores, reverse=True)
+        assert len({tuple(h.tokens) for h in hyps}) == 3
+        assert hyps[0].tokens == one[0].tokens
+
+    # By hand (see BEAM_BEATS_GREEDY): B C (0.36) then A C (0.2).
+    model = TableModel(BEAM_BEATS_GREEDY)
+    hyps = beam_search(model, *source([X]), beam=2, length_alpha=0.0, n_best=2)[0]
+    assert [h.tokens for h in hyps] == [[B, C], [A, C]]
+    assert [h.log_prob for h in hyps] == pytest.approx([math.log(0.36), math.log(0.2)])
+
+
+# Beam 3 keeps A, B and finishes the empty sentence (EOS, 0.1, ranks third) at step 1;
+# step 2 keeps BC 0.36, AC 0.2, AD 0.175, and at step 3 all three end. The 3 most probable
+# finished sentences are B C, A C, A D; the empty one (0.1) is worse than all of them.
+@pytest.mark.xfail(strict=True, reason="search.py keeps the first `beam` finished hypotheses, "
+                   "not the best: A D (0.175) is dropped for the empty sentence (0.1)")
+def test_n_best_keeps_the_best_finished_hypotheses() -> None:
+    model = TableModel(BEAM_BEATS_GREEDY)  # (X, A, D) is unlisted: it ends with P 1
+    hyps = beam_search(model, *source([X]), beam=3, length_alpha=0.0, n_best=3)[0]
+    assert [h.tokens for h in hyps] == [[B, C], [A, C], [A, D]]
+
+
+# A ends at once with P 0.55; B C D ends after three words with P 0.45. Lengths count EOS:
+# alpha 0:  log 0.55 = -0.598 beats log 0.45 = -0.799: A wins.
+# alpha 2:  A: -0.598 / (7/6)^2 = -0.439;  B C D: -0.799 / (9/6)^2 = -0.355: B C D wins.
+SHORT_OR_LONG: Table = {
+    (X,): {A: 0.55, B: 0.45},
+    (X, A): {EOS: 1.0},
+    (X, B): {C: 1.0},
+    (X, B, C): {D: 1.0},
+    (X, B, C, D): {EOS: 1.0},
+}
+
+
+def test_length_penalty_favours_longer_sentences_as_alpha_grows() -> None:
+    assert length_penalty(1, 0.0) == 1.0
+    assert length_penalty(7, 1.0) == pytest.approx(2.0)
+    model = TableModel(SHORT_OR_LONG)
+    src, lens = source([X])
+    short = beam_search(model, src, lens, beam=2, length_alpha=0.0, n_best=2)[0]
+    assert [h.tokens for h in short] == [[A], [B, C, D]]
+    long = beam_search(model, src, lens, beam=2, length_alpha=2.0, n_best=2)[0]
+    assert [h.tokens for h in long] == [[B, C, D], [A]]
+    assert long[0].score == pytest.approx(math.log(0.45) / 2.25)
+    assert long[0].log_prob == pytest.approx(math.log(0.45))  # the raw log P is kept unchanged
+
+
+# Every context prefers A, and EOS is possible but never chosen unless forced.
+NEVER_ENDS = {A: 0.7, B: 0.2999, EOS: 1e-4}
+
+
+@pytest.mark.parametrize("beam", [1, 2])
+def test_max_length_forces_eos(beam: int) -> None:
+    # max_lengths counts EOS: a * |src| + b = 3 target tokens is two words and the EOS.
+    model = TableModel({}, default=NEVER_ENDS)
+    hyps = search(model, *source([X, Y, Y]), beam=beam, max_len_a=0.0, max_len_b=3)
+    assert tokens_of(hyps) == [[[A, A]]]
+    assert hyps[0][0].log_prob == pytest.approx(math.log(0.7 * 0.7 * 1e-4), rel=1e-4)
+
+    # Each sentence of a batch has its own limit: 1 * |src| + 1 = 2 and 4 tokens.
+    hyps = search(model, *source([X], [X, Y, Y]), beam=beam, max_len_a=1.0, max_len_b=1)
+    assert tokens_of(hyps) == [[[A]], [[A, A, A]]]
+
+    # The model's max_positions caps the limit too.
+    model = TableModel({}, default=NEVER_ENDS, max_positions=3)
+    assert tokens_of(search(model, *source([X]), beam=beam, max_len_a=0.0, max_len_b=10)) == [[[A, A]]]
+
+
+# Source X Y. A (P 0.6) attends to X at both steps and leaves Y with 0.2 attention;
+# B (P 0.4) attends to X, then to Y. With alpha 0 the scores are
+# beta 0: A log 0.6 = -0.51 beats B log 0.4 = -0.92;
+# beta 5: A -0.51 + 5 log min(0.2, 1) = -8.56; B -0.92 + 5 log 1 = -0.92: B wins.
+COVERAGE_TABLE: Table = {(X,): {A: 0.6, B: 0.4}, (X, A): {EOS: 1.0}, (X, B): {EOS: 1.0}}
+COVERAGE_ATTENTION = {(X,): [1.0, 0.0], (X, A): [0.8, 0.2], (X, B): [0.0, 1.0]}
+
+
+def test_coverage_penalty_favours_the_sentence_that_covers_the_source() -> None:
+    model = TableModel(COVERAGE_TABLE, attention=COVERAGE_ATTENTION)
+    src, lens = source([X, Y])
+    plain = beam_search(model, src, lens, beam=2, length_alpha=0.0, coverage_beta=0.0)
+    assert tokens_of(plain) == [[[A]]]
+    covered = beam_search(model, src, lens, beam=2, length_alpha=0.0, coverage_beta=5.0, n_best=2)[0]
+    assert [h.tokens for h in covered] == [[B], [A]]
+    assert [h.score for h in covered] == pytest.approx([math.log(0.4), math.log(0.6) + 5 * math.log(0.2)])
+
+
+def test_keep_attention_returns_one_row_per_target_token() -> None:
+    model = TableModel(COVERAGE_TABLE, attention=COVERAGE_ATTENTION)
+    hyps = beam_search(model, *source([X, Y]), beam=2, length_alpha=0.0, n_best=2, keep_attention=True)[0]
+    by_tokens = {tuple(h.tokens): h.attention for h in hyps}
+    # One row per token, EOS included: the steps that chose B, then EOS.
+    assert torch.equal(by_tokens[(B,)], torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    assert torch.equal(by_tokens[(A,)], torch.tensor([[1.0, 0.0], [0.8, 0.2]]))
+
+
+# Beam 2 keeps A and EOS-ranked-second finishes the empty sentence at step 1 (P 0.3); at
+# step 2 A and B end (0.5 and 0.2). With beta 5 the empty sentence and A leave Y
+# unattended (5 log 1e-10 = -115), B covers X and Y: B is by far the best, and was found.
+@pytest.mark.xfail(strict=True, reason="search.py admits finished hypotheses in log-prob order "
+                   "until `beam` are kept, so B, the best once coverage counts, is dropped")
+def test_coverage_best_is_not_dropped_when_the_beam_fills() -> None:
+    model = TableModel({(X,): {A: 0.5, EOS: 0.3, B: 0.2}, (X, A): {EOS: 1.0}, (X, B): {EOS: 1.0}},
+                       attention={(X,): [1.0, 0.0], (X, A): [1.0, 0.0], (X, B): [0.0, 1.0]})
+    hyps = beam_search(model, *source([X, Y]), beam=2, length_alpha=0.0, coverage_beta=5.0)
+    assert tokens_of(hyps) == [[[B]]]
+
+
+# Sentence X ends after one word (A or B, then EOS); sentence Y after five (A B C D E).
+# With a limit of 6 tokens the Y sentence ends at step 6 either way.
+TWO_LENGTHS: Table = {
+    (X,): {A: 0.6, B: 0.4},
+    (X, A): {EOS: 1.0},
+    (X, B): {EOS: 1.0},
+    (Y,): {A: 1.0},
+    (Y, A): {B: 1.0},
+    (Y, A, B): {C: 1.0},
+    (Y, A, B, C): {D: 1.0},
+    (Y, A, B, C, D): {E: 1.0},
+    (Y, A, B, C, D, E): {EOS: 1.0},
+}
+
+
+@pytest.mark.parametrize("beam, rows", [
+    (1, [2, 2, 1, 1, 1, 1]),  # greedy: X ends at step 2, then only Y is decoded
+    (2, [4, 4, 2, 2, 2, 2]),  # beam 2: X has two finished hypotheses after step 2
+])
+def test_finished_sentences_leave_the_batch(beam: int, rows: list[int]) -> None:
+    model = TableModel(TWO_LENGTHS)
+    hyps = search(model, *source([X], [Y]), beam=beam, max_len_a=0.0, max_len_b=6)
+    assert [h[0].tokens for h in hyps] == [[A], [A, B, C, D, E]]
+    assert model.rows == rows
