@@ -72,7 +72,7 @@ class TableModel(Seq2Seq):
     def step(self, tokens: torch.Tensor, state: TableState) -> tuple[torch.Tensor, TableState]:
         self.rows.append(len(tokens))
         # The first step is fed BOS, which is not part of the context.
-        contexts = [c if t == BOS else (*c, t) for c, t in zip(state.contexts, tokens.tolist())]
+        contexts = [c if t == BOS else (*c, t) for c, t in zip(state.contexts, tokens.tolist(), strict=True)]
         probs = torch.zeros(len(contexts), VOCAB)
         for row, context in enumerate(contexts):
             for token, p in self.table.get(context, self.default).items():
@@ -133,7 +133,12 @@ def test_search_picks_greedy_for_beam_1_and_beam_search_otherwise() -> None:
 def transformer() -> Seq2Seq:
     torch.manual_seed(0)
     cfg = TransformerConfig(d_model=32, heads=2, ffn=64, encoder_layers=1, decoder_layers=1, max_positions=64)
-    return build_model(cfg, vocab_size=40).eval()
+    model = build_model(cfg, vocab_size=40).eval()
+    # Untrained, it almost never ends a sentence before the length limit; a larger EOS
+    # embedding (tied to the output layer) makes hypotheses end at different steps too.
+    with torch.no_grad():
+        model.embed.weight[EOS] *= 1.8
+    return model
 
 
 def random_source(lengths: list[int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,7 +155,7 @@ def test_beam_1_is_greedy(transformer: Seq2Seq) -> None:
     greedy = greedy_search(transformer, src, lens)
     beam = beam_search(transformer, src, lens, beam=1)
     assert tokens_of(beam) == tokens_of(greedy)
-    for g, b in zip(greedy, beam):
+    for g, b in zip(greedy, beam, strict=True):
         assert b[0].log_prob == pytest.approx(g[0].log_prob, abs=1e-4)
 
 
@@ -171,7 +176,7 @@ def test_n_best_is_sorted_distinct_and_starts_with_the_1_best(transformer: Seq2S
     src, lens = random_source([5, 8, 3], seed=3)
     best = beam_search(transformer, src, lens, beam=4)
     n_best = beam_search(transformer, src, lens, beam=4, n_best=3)
-    for one, hyps in zip(best, n_best):
+    for one, hyps in zip(best, n_best, strict=True):
         assert len(hyps) == 3
         scores = [h.score for h in hyps]
         assert scores == sorted(scores, reverse=True)
