@@ -69,8 +69,10 @@ def _root(quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnin
 def train(
     recipe: Annotated[Path, typer.Argument(help="A recipe YAML file, or a run directory to resume.")],
     run: Annotated[Optional[Path], typer.Option(help="Run directory (default: runs/<recipe name>).")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe key: --set train.lr=5e-4 (repeatable).")] = None,
-    test: Annotated[bool, typer.Option(help="After training, translate the test split with best.pt and print BLEU.")] = True,
+    set_: Annotated[Optional[list[str]], typer.Option(
+        "--set", help="Override a recipe key: --set train.lr=5e-4 (repeatable).")] = None,
+    test: Annotated[bool, typer.Option(
+        help="After training, translate the test split with best.pt and print BLEU.")] = True,
     progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr.")] = True,
 ):
     """Train a model from a recipe; on a run directory with last.pt, resume exactly."""
@@ -127,7 +129,8 @@ def translate(
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Translations (default: stdout).")] = None,
     checkpoint: Annotated[str, typer.Option(help="best, last, averaged, or a checkpoint path.")] = "best",
     beam: Annotated[Optional[int], typer.Option(help="Beam size; 1 is greedy (default: the recipe's).")] = None,
-    n_best: Annotated[Optional[int], typer.Option(help="Print the K best per line as 'line ||| text ||| score'.")] = None,
+    n_best: Annotated[Optional[int], typer.Option(
+        help="Print the K best per line as 'line ||| text ||| score'.")] = None,
     length_penalty: Annotated[Optional[float], typer.Option(help="GNMT length penalty alpha.")] = None,
     coverage_penalty: Annotated[Optional[float], typer.Option(help="GNMT coverage penalty beta.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Most sentences per batch.")] = None,
@@ -162,7 +165,7 @@ def translate(
 def _evaluate_model(run_dir: Path, src: Path, ref: Path, checkpoint: str, beam: Optional[int],
                     progress: bool) -> dict:
     from nmt.checkpoint import load_run
-    from nmt.data import read_lines, read_parallel
+    from nmt.data import read_parallel
     from nmt.evaluate import bleu, chrf
     from nmt.train import pick_device
     from nmt.translate import translate_text
@@ -195,7 +198,8 @@ def eval_(
     chrf_: Annotated[bool, typer.Option("--chrf", help="Score chrF.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print sacreBLEU's JSON.")] = False,
     width: Annotated[int, typer.Option(help="Decimals, as sacrebleu -w.")] = 1,
-    model: Annotated[Optional[Path], typer.Option("--model", "-m", help="Run directory: translate --src, then score.")] = None,
+    model: Annotated[Optional[Path], typer.Option(
+        "--model", "-m", help="Run directory: translate --src, then score.")] = None,
     src: Annotated[Optional[Path], typer.Option(help="Source text to translate with --model.")] = None,
     checkpoint: Annotated[str, typer.Option(help="With --model: best, last, averaged or a path.")] = "best",
     beam: Annotated[Optional[int], typer.Option(help="With --model: beam size.")] = None,

@@ -51,7 +51,7 @@ def max_lengths(src_lens: torch.Tensor, a: float, b: int, limit: int) -> torch.T
 
 @torch.no_grad()
 def greedy_search(model: Seq2Seq, src: torch.Tensor, src_lens: torch.Tensor, max_len_a: float = 1.5,
-                  max_len_b: int = 10) -> list[list[Hypothesis]]:
+                  max_len_b: int = 10, length_alpha: float = 0.0) -> list[list[Hypothesis]]:
     """Most probable next token at every step; finished sentences leave the batch."""
     n = src.size(0)
     limits = max_lengths(src_lens, max_len_a, max_len_b, model.max_positions)
@@ -70,7 +70,7 @@ def greedy_search(model: Seq2Seq, src: torch.Tensor, src_lens: torch.Tensor, max
         total = total + best
         done = tokens == EOS
         # One transfer per step for every row, not one per token.
-        for row, (sent, tok) in enumerate(zip(alive.tolist(), tokens.tolist())):
+        for sent, tok in zip(alive.tolist(), tokens.tolist()):
             if tok != EOS:
                 out[sent].append(tok)
         if bool(done.any()):
@@ -81,7 +81,8 @@ def greedy_search(model: Seq2Seq, src: torch.Tensor, src_lens: torch.Tensor, max
                 break
             alive, tokens, total = alive[keep], tokens[keep], total[keep]
             state = state.select(keep)
-    return [[Hypothesis(out[i], scores[i], scores[i])] for i in range(n)]
+    return [[Hypothesis(out[i], scores[i] / length_penalty(len(out[i]) + 1, length_alpha), scores[i])]
+            for i in range(n)]
 
 
 @torch.no_grad()
@@ -134,10 +135,12 @@ def beam_search(model: Seq2Seq, src: torch.Tensor, src_lens: torch.Tensor, beam:
                                                    coverage_beta).cpu()
             hist = history[rows, 1:].tolist()
             for (i, _), row, h, score, lp in zip(to_finish, rows, hist, ranked.tolist(), final.tolist()):
-                sent = int(alive[i])
-                if len(finished[sent]) < k:
-                    attn = torch.stack([a[row] for a in attn_history]) if attn_history else None
-                    finished[sent].append(Hypothesis(h, score, lp, attn))
+                attn = torch.stack([a[row] for a in attn_history]) if attn_history else None
+                finished[int(alive[i])].append(Hypothesis(h, score, lp, attn))
+            # Keep the best k by ranking score, not the first k to arrive.
+            for sent in {int(alive[i]) for i, _ in to_finish}:
+                finished[sent].sort(key=lambda h: -h.score)
+                del finished[sent][k:]
 
         # Sentences with a full set of finished hypotheses, or at their limit, are done.
         done = torch.tensor([len(finished[int(s)]) >= k for s in alive.tolist()], device=device)
@@ -171,5 +174,5 @@ def search(model: Seq2Seq, src: torch.Tensor, src_lens: torch.Tensor, beam: int 
     """Greedy for beam 1 (unless attention is wanted), beam search otherwise."""
     if beam == 1 and not kwargs.get("keep_attention") and kwargs.get("n_best", 1) == 1:
         return greedy_search(model, src, src_lens, kwargs.get("max_len_a", 1.5),
-                             kwargs.get("max_len_b", 10))
+                             kwargs.get("max_len_b", 10), kwargs.get("length_alpha", 0.0))
     return beam_search(model, src, src_lens, beam=beam, **kwargs)

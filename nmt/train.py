@@ -30,7 +30,7 @@ from tqdm import tqdm
 from nmt import checkpoint, config
 from nmt.batching import EpochBatches, collate
 from nmt.config import Config
-from nmt.data import Parallel, load_parallel, read_parallel
+from nmt.data import load_parallel, read_parallel
 from nmt.errors import NmtError
 from nmt.evaluate import bleu
 from nmt.loss import label_smoothed_nll

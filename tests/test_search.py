@@ -193,8 +193,6 @@ def test_n_best_is_sorted_distinct_and_starts_with_the_1_best(transformer: Seq2S
 # Beam 3 keeps A, B and finishes the empty sentence (EOS, 0.1, ranks third) at step 1;
 # step 2 keeps BC 0.36, AC 0.2, AD 0.175, and at step 3 all three end. The 3 most probable
 # finished sentences are B C, A C, A D; the empty one (0.1) is worse than all of them.
-@pytest.mark.xfail(strict=True, reason="search.py keeps the first `beam` finished hypotheses, "
-                   "not the best: A D (0.175) is dropped for the empty sentence (0.1)")
 def test_n_best_keeps_the_best_finished_hypotheses() -> None:
     model = TableModel(BEAM_BEATS_GREEDY)  # (X, A, D) is unlisted: it ends with P 1
     hyps = beam_search(model, *source([X]), beam=3, length_alpha=0.0, n_best=3)[0]
@@ -274,11 +272,10 @@ def test_keep_attention_returns_one_row_per_target_token() -> None:
     assert torch.equal(by_tokens[(A,)], torch.tensor([[1.0, 0.0], [0.8, 0.2]]))
 
 
-# Beam 2 keeps A and EOS-ranked-second finishes the empty sentence at step 1 (P 0.3); at
-# step 2 A and B end (0.5 and 0.2). With beta 5 the empty sentence and A leave Y
-# unattended (5 log 1e-10 = -115), B covers X and Y: B is by far the best, and was found.
-@pytest.mark.xfail(strict=True, reason="search.py admits finished hypotheses in log-prob order "
-                   "until `beam` are kept, so B, the best once coverage counts, is dropped")
+# Step 1: A 0.5, EOS 0.3, B 0.2; EOS ranks second, inside beam 2, so the empty sentence
+# finishes, and A and B are the beams. Step 2: A and B both end (0.5 and 0.2).
+# With beta 5 the empty sentence and A leave Y unattended (5 log 1e-10 = -115) and B
+# covers X and Y: B is by far the best, and the search did reach it.
 def test_coverage_best_is_not_dropped_when_the_beam_fills() -> None:
     model = TableModel({(X,): {A: 0.5, EOS: 0.3, B: 0.2}, (X, A): {EOS: 1.0}, (X, B): {EOS: 1.0}},
                        attention={(X,): [1.0, 0.0], (X, A): [1.0, 0.0], (X, B): [0.0, 1.0]})

@@ -134,12 +134,13 @@ def test_foreign_checkpoint(tmp_path: Path) -> None:
 
 
 def test_tokenizer_that_does_not_match_checkpoint(tmp_path: Path, trained_run: Path, corpus: Path) -> None:
-    from nmt.tokenizer import train_tokenizer
     from nmt.data import read_lines
+    from nmt.tokenizer import train_tokenizer
 
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
-    train_tokenizer(read_lines(corpus / "train.en") + read_lines(corpus / "train.de"), run, vocab_size=296)  # a different spm.model
+    lines = read_lines(corpus / "train.en") + read_lines(corpus / "train.de")
+    train_tokenizer(lines, run, vocab_size=296)  # a different spm.model in the run
     with pytest.raises(NmtError, match="another SentencePiece model"):
         checkpoint.load_run(run)
 
