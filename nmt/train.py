@@ -389,8 +389,12 @@ class Trainer:
         }
         self.log.write(event="train", **record)
         if bar is not None:
-            bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
-                            tok_s=f"{record['tokens_per_s']:.0f}", epoch=st.epoch, refresh=False)
+            postfix = {"loss": f"{record['loss']:.3f}", "lr": f"{record['lr']:.2e}",
+                       "tok/s": f"{record['tokens_per_s']:.0f}", "epoch": st.epoch}
+            if self.cfg.train.max_minutes:  # the bar's own ETA only knows about max_steps
+                left = max(self.cfg.train.max_minutes * 60 - st.train_seconds, 0)
+                postfix["eta"] = f"{int(left // 60)}:{int(left % 60):02d}"
+            bar.set_postfix(postfix, refresh=False)
         window.update(loss=torch.zeros(()), nll=torch.zeros(()), tokens=0, seconds=0.0, steps=0)
 
 
