@@ -59,8 +59,20 @@ class TransformerConfig:
     max_positions: int = 256
 
 
-MODEL_CONFIGS: dict[str, type] = {"transformer": TransformerConfig}
-ModelConfig = TransformerConfig
+@dataclass
+class GNMTConfig:
+    kind: str = "gnmt"
+    embed_dim: int = 256
+    hidden: int = 256
+    encoder_layers: int = 2  # the first is bidirectional
+    decoder_layers: int = 2
+    dropout: float = 0.2
+    # Longest source or target accepted; longer input is truncated.
+    max_positions: int = 256
+
+
+MODEL_CONFIGS: dict[str, type] = {"transformer": TransformerConfig, "gnmt": GNMTConfig}
+ModelConfig = TransformerConfig | GNMTConfig
 
 
 @dataclass
@@ -197,6 +209,12 @@ def from_dict(raw: dict) -> Config:
     if kind not in MODEL_CONFIGS:
         raise NmtError(f"recipe key model.kind: unknown model {kind!r}; "
                        f"valid: {', '.join(MODEL_CONFIGS)}")
+    for key in model:
+        owners = [k for k, cls in MODEL_CONFIGS.items() if key in {f.name for f in dataclasses.fields(cls)}]
+        if owners and kind not in owners:
+            raise NmtError(f"recipe key model.{key} belongs to model.kind {' or '.join(owners)}, "
+                           f"not {kind}; remove it (valid keys for {kind}: "
+                           f"{', '.join(f.name for f in dataclasses.fields(MODEL_CONFIGS[kind]))})")
     cfg.model = _build(MODEL_CONFIGS[kind], model, "model")
     _validate(cfg)
     return cfg

@@ -82,6 +82,7 @@ def prepare_run(cfg: Config, run_dir: Path) -> tuple[Config, bool]:
         blocking = [c for c in config.changed_keys(config.to_dict(saved), config.to_dict(cfg))
                     if c[0] not in config.RESUMABLE_CHANGES]
         if blocking:
+            blocking.sort(key=lambda c: c[0] != "model.kind")  # the kind explains the rest
             key, old, new = blocking[0]
             more = f" (and {len(blocking) - 1} more)" if len(blocking) > 1 else ""
             raise NmtError(f"{run_dir} was trained with {key}={old!r}, the recipe now says "

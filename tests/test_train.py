@@ -156,3 +156,36 @@ def test_atomic_save_leaves_no_temp_file_on_failure(tmp_path: Path) -> None:
         checkpoint.save({"model": Unpicklable()}, tmp_path / "last.pt")
     assert (tmp_path / "last.pt").read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+# --- GNMT through the same trainer
+
+def test_gnmt_learns_the_task_with_the_same_trainer(tmp_path: Path, corpus: Path, spm_model: str) -> None:
+    raw = tiny_recipe(corpus)
+    raw["model"] = {"kind": "gnmt", "embed_dim": 48, "hidden": 64, "encoder_layers": 2, "decoder_layers": 2,
+                    "dropout": 0.0, "max_positions": 64}
+    raw["tokenizer"]["reuse"] = spm_model
+    train(config.from_dict(raw), tmp_path / "gnmt", progress_bar=False)
+    records = [json.loads(line) for line in (tmp_path / "gnmt" / "log.jsonl").read_text().splitlines()]
+    assert [r for r in records if r["event"] == "valid"][-1]["valid_bleu"] > 30
+    assert checkpoint.load(tmp_path / "gnmt" / "best.pt")["model_kind"] == "gnmt"
+
+
+def test_resuming_a_run_as_the_other_model_kind_is_refused(tmp_path: Path, trained_run: Path, corpus: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    raw = tiny_recipe(corpus)
+    raw["model"] = {"kind": "gnmt"}
+    with pytest.raises(NmtError, match=r"trained with model.kind='transformer'.*new --run directory"):
+        train(config.from_dict(raw), run, progress_bar=False)
+
+
+def test_checkpoint_of_one_kind_loaded_as_the_other(tmp_path: Path, trained_run: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    state = checkpoint.load(run / "best.pt")
+    state["config"]["model"] = vars(config.GNMTConfig())
+    state["model_kind"] = "gnmt"
+    checkpoint.save(state, run / "best.pt")
+    with pytest.raises(NmtError, match="parameters do not fit a gnmt model"):
+        checkpoint.load_run(run)

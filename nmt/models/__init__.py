@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from nmt.models.base import DecoderState, Memory, Seq2Seq, count_parameters
+from nmt.models.gnmt import GNMT
 from nmt.models.transformer import Transformer
 
-MODELS: dict[str, type[Seq2Seq]] = {"transformer": Transformer}
+MODELS: dict[str, type[Seq2Seq]] = {"transformer": Transformer, "gnmt": GNMT}
 
 
 def build_model(model_cfg, vocab_size: int) -> Seq2Seq:

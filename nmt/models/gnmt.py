@@ -1,0 +1,162 @@
+"""GNMT (Wu et al. 2016) in the form of NVIDIA's GNMT v2, over the shared Seq2Seq contract.
+
+Encoder: a bidirectional LSTM layer (on packed sequences, so padding never enters the
+backward direction), then unidirectional layers, residual connections from the third
+layer on. Decoder: the first LSTM layer reads the target embeddings and its output
+queries a normalized Bahdanau attention over the encoder states; the attention context
+is concatenated to the input of every upper layer and to the classifier's input.
+
+Because decoder layer 1 does not depend on the attention, training runs every layer
+over the whole sequence with ``nn.LSTM`` and computes the attention for all target
+positions at once: no Python loop over time steps. ``step`` runs the same modules on
+one position, carrying every layer's (h, c).
+
+The classifier maps [output; context] linearly to the embedding size, so the output
+projection can share the embedding matrix. (A tanh there, as in Luong et al. 2015's
+attentional vector, bounds every logit by the embedding norms and stalls training with
+tied embeddings initialised at +-0.1.)
+Shapes: B batch, S source length, T target length, H hidden size, E embedding size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from nmt.config import GNMTConfig
+from nmt.models.base import Memory, Seq2Seq
+from nmt.tokenizer import PAD
+
+
+class NormalizedBahdanauAttention(nn.Module):
+    """score(q, k) = g * (v / |v|) . tanh(W_q q + W_k k + b)   (Salimans & Kingma 2016 norm)."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.query = nn.Linear(hidden, hidden, bias=False)
+        self.key = nn.Linear(hidden, hidden, bias=False)
+        self.bias = nn.Parameter(torch.zeros(hidden))
+        self.v = nn.Parameter(torch.empty(hidden).uniform_(-0.1, 0.1))
+        self.g = nn.Parameter(torch.tensor(1.0))
+
+    def keys(self, memory: torch.Tensor) -> torch.Tensor:
+        return self.key(memory)  # (B, S, H), computed once per sentence
+
+    def forward(self, query: torch.Tensor, keys: torch.Tensor, memory: torch.Tensor,
+                mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """query (B, T, H), keys/memory (B, S, H), mask (B, S) -> context (B, T, H), weights (B, T, S)."""
+        v = self.g * self.v / self.v.norm()
+        hidden = torch.tanh(self.query(query).unsqueeze(2) + keys.unsqueeze(1) + self.bias)  # (B, T, S, H)
+        scores = hidden @ v  # (B, T, S)
+        weights = scores.masked_fill(~mask[:, None, :], float("-inf")).softmax(-1)
+        return weights @ memory, weights
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: GNMTConfig):
+        super().__init__()
+        h = cfg.hidden
+        self.bidir = nn.LSTM(cfg.embed_dim, h, batch_first=True, bidirectional=True)
+        self.layers = nn.ModuleList(
+            nn.LSTM(2 * h if i == 0 else h, h, batch_first=True) for i in range(cfg.encoder_layers - 1))
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+        packed = pack_padded_sequence(x, lens.cpu(), batch_first=True, enforce_sorted=False)
+        x, _ = pad_packed_sequence(self.bidir(packed)[0], batch_first=True, total_length=x.size(1))  # (B, S, 2H)
+        for i, layer in enumerate(self.layers):
+            y, _ = layer(self.drop(x))  # (B, S, H)
+            x = x + y if i >= 1 else y  # residual from the third layer on
+        return x
+
+
+@dataclass
+class GNMTState:
+    """Decoder state for incremental decoding; every tensor has the batch*beam rows first."""
+
+    hidden: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (1, N, H) h and c
+    keys: torch.Tensor  # (N, S, H) attention keys
+    memory: torch.Tensor  # (N, S, H) encoder output
+    mask: torch.Tensor  # (N, S)
+    attention: torch.Tensor | None = None  # (N, S) attention of the last step
+
+    def select(self, index: torch.Tensor) -> GNMTState:
+        return GNMTState(
+            hidden=[(h.index_select(1, index), c.index_select(1, index)) for h, c in self.hidden],
+            keys=self.keys.index_select(0, index),
+            memory=self.memory.index_select(0, index),
+            mask=self.mask.index_select(0, index),
+            attention=None if self.attention is None else self.attention.index_select(0, index),
+        )
+
+
+class GNMT(Seq2Seq):
+    kind = "gnmt"
+
+    def __init__(self, cfg: GNMTConfig, vocab_size: int):
+        super().__init__()
+        self.cfg = cfg
+        h, e = cfg.hidden, cfg.embed_dim
+        self.embed = nn.Embedding(vocab_size, e, padding_idx=PAD)  # source, target and output
+        self.encoder = Encoder(cfg)
+        self.decoder_first = nn.LSTM(e, h, batch_first=True)
+        self.attention = NormalizedBahdanauAttention(h)
+        self.decoder_layers = nn.ModuleList(nn.LSTM(2 * h, h, batch_first=True)
+                                            for _ in range(cfg.decoder_layers - 1))
+        self.classifier = nn.Linear(2 * h, e)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # Uniform +-0.1 as in the GNMT v2 reference; the attention's norm scale keeps its own start.
+        for name, p in self.named_parameters():
+            if not name.startswith("attention.g"):
+                nn.init.uniform_(p, -0.1, 0.1)
+        with torch.no_grad():
+            self.embed.weight[PAD].zero_()
+            self.attention.bias.zero_()
+
+    @property
+    def max_positions(self) -> int:
+        return self.cfg.max_positions
+
+    def encode(self, src: torch.Tensor, src_lens: torch.Tensor) -> Memory:
+        x = self.drop(self.embed(src))  # (B, S, E)
+        return Memory(self.encoder(x, src_lens), src != PAD)
+
+    def _decode(self, tgt: torch.Tensor, hidden, keys, memory, mask):
+        """Run the decoder over ``tgt`` (B, T); returns logits (B, T, V), new hidden, attention."""
+        x, first = self.decoder_first(self.drop(self.embed(tgt)), hidden[0])  # (B, T, H)
+        context, weights = self.attention(x, keys, memory, mask)  # (B, T, H), (B, T, S)
+        new_hidden = [first]
+        for i, layer in enumerate(self.decoder_layers):
+            y, state = layer(self.drop(torch.cat([x, context], -1)), hidden[i + 1])
+            x = x + y if i >= 1 else y  # residual from the third layer on
+            new_hidden.append(state)
+        out = self.classifier(self.drop(torch.cat([x, context], -1)))  # (B, T, E)
+        return F.linear(self.drop(out), self.embed.weight), new_hidden, weights
+
+    def _zero_hidden(self, n: int, like: torch.Tensor):
+        zeros = like.new_zeros(1, n, self.cfg.hidden)
+        return [(zeros, zeros)] * self.cfg.decoder_layers
+
+    def forward(self, src: torch.Tensor, src_lens: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+        memory = self.encode(src, src_lens)
+        keys = self.attention.keys(memory.states)
+        hidden = self._zero_hidden(src.size(0), memory.states)
+        return self._decode(tgt_in, hidden, keys, memory.states, memory.mask)[0]
+
+    def init_state(self, memory: Memory) -> GNMTState:
+        return GNMTState(self._zero_hidden(memory.states.size(0), memory.states),
+                         self.attention.keys(memory.states), memory.states, memory.mask)
+
+    def step(self, tokens: torch.Tensor, state: GNMTState):
+        logits, hidden, weights = self._decode(tokens[:, None], state.hidden, state.keys, state.memory,
+                                               state.mask)
+        return logits[:, 0].log_softmax(-1), GNMTState(hidden, state.keys, state.memory, state.mask,
+                                                       weights[:, 0])

@@ -1,0 +1,96 @@
+"""Both models honour the Seq2Seq contract the same way."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nmt import config
+from nmt.errors import NmtError
+from nmt.models import build_model
+from nmt.tokenizer import PAD
+
+VOCAB = 60
+SMALL = {
+    "transformer": config.TransformerConfig(d_model=32, heads=4, ffn=64, encoder_layers=2, decoder_layers=3,
+                                            max_positions=64),
+    "gnmt": config.GNMTConfig(embed_dim=24, hidden=32, encoder_layers=3, decoder_layers=3, max_positions=64),
+}
+
+
+@pytest.fixture(params=list(SMALL))
+def model(request):
+    torch.manual_seed(0)
+    return build_model(SMALL[request.param], VOCAB).eval()
+
+
+def batch(lengths: list[int], seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    src = torch.full((len(lengths), max(lengths)), PAD, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        src[i, :n] = torch.randint(4, VOCAB, (n,), generator=g)
+    return src, torch.tensor(lengths)
+
+
+def test_step_by_step_equals_forward(model) -> None:
+    src, lens = batch([7, 4, 6])
+    tgt = torch.randint(4, VOCAB, (3, 6), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = model(src, lens, tgt).log_softmax(-1)  # (B, T, V)
+        state = model.init_state(model.encode(src, lens))
+        for t in range(tgt.size(1)):
+            log_probs, state = model.step(tgt[:, t], state)
+            torch.testing.assert_close(log_probs, full[:, t], atol=1e-5, rtol=1e-5)
+
+
+def test_padded_batch_equals_each_sentence_alone(model) -> None:
+    src, lens = batch([8, 3, 5])
+    tgt = torch.randint(4, VOCAB, (3, 4), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        together = model(src, lens, tgt)
+        for i, n in enumerate(lens.tolist()):
+            alone = model(src[i : i + 1, :n], lens[i : i + 1], tgt[i : i + 1])
+            torch.testing.assert_close(alone[0], together[i], atol=1e-5, rtol=1e-5)
+
+
+def test_state_exposes_attention_over_real_source_tokens(model) -> None:
+    src, lens = batch([5, 2])
+    with torch.no_grad():
+        state = model.init_state(model.encode(src, lens))
+        _, state = model.step(torch.tensor([2, 2]), state)
+    assert state.attention.shape == (2, 5)
+    torch.testing.assert_close(state.attention.sum(-1), torch.ones(2))
+    assert (state.attention[1, 2:] == 0).all()  # padding gets no attention
+
+
+def test_select_reorders_rows(model) -> None:
+    src, lens = batch([4, 6, 5])
+    with torch.no_grad():
+        state = model.init_state(model.encode(src, lens))
+        tokens = torch.tensor([5, 6, 7])
+        _, state = model.step(tokens, state)
+        picked = state.select(torch.tensor([2, 0]))
+        a, _ = model.step(torch.tensor([9, 9]), picked)
+        b, _ = model.step(torch.tensor([9, 9, 9]), state)
+    torch.testing.assert_close(a, b[[2, 0]], atol=1e-5, rtol=1e-5)
+
+
+def test_one_embedding_matrix_serves_source_target_and_output(model) -> None:
+    vocab_sized = [name for name, p in model.named_parameters() if p.dim() and p.size(0) == VOCAB]
+    assert vocab_sized == ["embed.weight"]
+    src, lens = batch([3])
+    with torch.no_grad():
+        logits = model(src, lens, torch.tensor([[4, 5]]))
+        # Token 11 is in neither input, so only its output logit may move.
+        model.embed.weight[11] += torch.randn(model.embed.weight.size(1), generator=torch.Generator().manual_seed(4))
+        moved = model(src, lens, torch.tensor([[4, 5]]))
+    assert 11 not in src.tolist()[0]
+    changed = (moved - logits).abs().amax(dim=(0, 1)) > 1e-6
+    assert changed.nonzero().flatten().tolist() == [11]
+
+
+def test_key_of_the_other_model_is_refused() -> None:
+    with pytest.raises(NmtError, match="model.heads belongs to model.kind transformer, not gnmt"):
+        config.from_dict({"model": {"kind": "gnmt", "heads": 4}})
+    with pytest.raises(NmtError, match="model.hidden belongs to model.kind gnmt"):
+        config.from_dict({"model": {"kind": "transformer", "hidden": 4}})
