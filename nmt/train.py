@@ -142,6 +142,7 @@ class Trainer:
                  rank: int = 0, world_size: int = 1, device: torch.device | None = None):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.rank, self.world_size = rank, world_size
         self.main = rank == 0
         self.device = device or pick_device()

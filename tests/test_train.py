@@ -189,3 +189,18 @@ def test_checkpoint_of_one_kind_loaded_as_the_other(tmp_path: Path, trained_run:
     checkpoint.save(state, run / "best.pt")
     with pytest.raises(NmtError, match="parameters do not fit a gnmt model"):
         checkpoint.load_run(run)
+
+
+def test_early_stop_after_patience_validations_without_gain(tmp_path: Path, corpus: Path, spm_model: str) -> None:
+    cfg = small(corpus, spm_model, lr=0.0, max_steps=100, valid_every=2, patience=2, keep_last=0)
+    progress = train(cfg, tmp_path / "run", progress_bar=False)
+    assert progress.step == 6  # the first validation sets the best; two more without gain stop it
+    end = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])
+    assert "train.patience" in end["reason"]
+
+
+def test_epoch_limit(tmp_path: Path, corpus: Path, spm_model: str) -> None:
+    cfg = small(corpus, spm_model, max_steps=0, max_epochs=1, valid_every=0)
+    trainer = Trainer(cfg, tmp_path / "run", progress_bar=False)
+    per_epoch = -(-len(trainer.batches.epoch(1)) // cfg.train.update_freq)
+    assert trainer.train().step == per_epoch
