@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -71,8 +72,13 @@ def test_crlf_and_bom_are_not_part_of_lines(tmp_path: Path) -> None:
 def test_empty_and_overlong_pairs_dropped_and_counted(tmp_path: Path, tokenizer, caplog) -> None:
     (tmp_path / "t.en").write_text("one two\n\nred dog\n" + "cat " * 2500 + "\nbig house\n", encoding="utf-8")
     (tmp_path / "t.de").write_text("eins zwei\nleer\n\nKatze\ngroß Haus\n", encoding="utf-8")
-    with caplog.at_level("INFO", logger="nmt"):
-        data = load_parallel(tmp_path / "t.en", tmp_path / "t.de", tokenizer, max_len=50)
+    logger = logging.getLogger("nmt")
+    logger.addHandler(caplog.handler)  # the CLI may have stopped "nmt" from propagating
+    try:
+        with caplog.at_level("INFO", logger="nmt"):
+            data = load_parallel(tmp_path / "t.en", tmp_path / "t.de", tokenizer, max_len=50)
+    finally:
+        logger.removeHandler(caplog.handler)
     assert data.index == [0, 4]
     assert "2 dropped as empty, 1 dropped as longer than 50" in caplog.text
 

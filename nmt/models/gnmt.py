@@ -20,7 +20,6 @@ Shapes: B batch, S source length, T target length, H hidden size, E embedding si
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
