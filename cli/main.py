@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -74,23 +75,45 @@ def train(
     test: Annotated[bool, typer.Option(
         help="After training, translate the test split with best.pt and print BLEU.")] = True,
     progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr.")] = True,
+    nproc: Annotated[int, typer.Option(
+        help="Processes (one per GPU, or CPU ranks with gloo): the same as torchrun --nproc-per-node.")] = 1,
 ):
-    """Train a model from a recipe; on a run directory with last.pt, resume exactly."""
-    from nmt import config
+    """Train a model from a recipe; on a run directory with last.pt, resume exactly.
+
+    Data-parallel training: `nmt train RECIPE --nproc N`, or `torchrun --nproc-per-node N -m nmt
+    train RECIPE` (add --nnodes and --rdzv-endpoint for several machines).
+    """
+    from nmt import config, distributed
     from nmt.train import train as run_training
 
+    if nproc > 1 and not distributed.launched():
+        distributed.run_torchrun(nproc, _argv_without("--nproc"))
+        return
     if recipe.is_dir():
         run = run or recipe
         recipe = recipe / "config.yaml"
     cfg = config.load_recipe(recipe, set_ or [])
     run_dir = run or Path("runs") / cfg.name
     run_training(cfg, run_dir, progress_bar=progress and sys.stderr.isatty())
-    if test and cfg.data.test:
+    if test and cfg.data.test and int(os.environ.get("RANK", "0")) == 0:
         src, ref = config.split_paths(cfg.data, "test")
         if src.exists() and ref.exists():
             result = _evaluate_model(run_dir, src, ref, "best", None, progress=False)
             typer.echo(f"test {src.name} -> {ref.name}: {result['BLEU']['line']}")
             typer.echo(f"test {src.name} -> {ref.name}: {result['chrF2']['line']}")
+
+
+def _argv_without(option: str) -> list[str]:
+    """This command line minus ``option`` and its value (for handing on to torchrun)."""
+    args, out, skip = sys.argv[1:], [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == option:
+            skip = True
+        elif not arg.startswith(f"{option}="):
+            out.append(arg)
+    return out
 
 
 # --- translate ------------------------------------------------------------------------------

@@ -98,6 +98,8 @@ class TrainConfig:
     average_last: int = 0  # average this many last step checkpoints into averaged.pt at the end
     threads: int = 0  # torch intra-op threads; 0: all cores
     precision: str = "fp32"
+    # How long a collective may wait for a peer before the job fails (torch's default is 30 min).
+    dist_timeout_minutes: float = 10.0
 
 
 @dataclass
@@ -132,7 +134,7 @@ SECTIONS = {
 RESUMABLE_CHANGES = {
     "train.max_steps", "train.max_epochs", "train.max_minutes", "train.valid_every",
     "train.patience", "train.log_every", "train.keep_last", "train.average_last",
-    "train.threads", "train.valid_beam", "name",
+    "train.threads", "train.valid_beam", "train.dist_timeout_minutes", "name",
 }
 
 

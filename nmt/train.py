@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from nmt import checkpoint, config
+from nmt import checkpoint, config, distributed
 from nmt.batching import EpochBatches, collate
 from nmt.config import Config
 from nmt.data import load_parallel, read_parallel
@@ -72,7 +72,7 @@ def pick_device() -> torch.device:
 
 # --- the run directory ------------------------------------------------------------------
 
-def prepare_run(cfg: Config, run_dir: Path) -> tuple[Config, bool]:
+def prepare_run(cfg: Config, run_dir: Path, write: bool = True) -> tuple[Config, bool]:
     """Create or reopen a run directory; returns the config to use and whether to resume."""
     run_dir.mkdir(parents=True, exist_ok=True)
     saved_path = run_dir / "config.yaml"
@@ -88,7 +88,8 @@ def prepare_run(cfg: Config, run_dir: Path) -> tuple[Config, bool]:
             raise NmtError(f"{run_dir} was trained with {key}={old!r}, the recipe now says "
                            f"{new!r}{more}; train into a new --run directory, or set it back "
                            "to resume")
-    config.save(cfg, saved_path)
+    if write:
+        config.save(cfg, saved_path)
     return cfg, resume
 
 
@@ -138,34 +139,48 @@ class JsonLog:
 # --- the trainer --------------------------------------------------------------------------
 
 class Trainer:
+    """Trains one model; under torchrun, one Trainer per rank (``ctx``), rank 0 the only writer."""
+
     def __init__(self, cfg: Config, run_dir: Path, progress_bar: bool = True,
-                 rank: int = 0, world_size: int = 1, device: torch.device | None = None):
+                 ctx: distributed.Context | None = None):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.rank, self.world_size = rank, world_size
-        self.main = rank == 0
-        self.device = device or pick_device()
+        self.ctx = ctx or distributed.Context(device=pick_device())
+        self.rank, self.world_size = self.ctx.rank, self.ctx.world_size
+        self.main = self.ctx.main
+        self.device = self.ctx.device
         self.progress_bar = progress_bar and self.main
         self.stop_requested = False
         tc = cfg.train
         if tc.threads:
             torch.set_num_threads(tc.threads)
-        torch.manual_seed(tc.seed)
+        elif self.ctx.distributed and self.device.type == "cpu":  # share the cores among local ranks
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.ctx.local_world_size))
+        torch.manual_seed(tc.seed)  # the same initial model on every rank
         random.seed(tc.seed)
 
         train_src, train_tgt = config.split_paths(cfg.data, "train")
+        read_parallel(train_src, train_tgt)  # every rank fails alike on bad data, before waiting
+        if self.main:
+            prepare_tokenizer(cfg, self.run_dir, train_src, train_tgt)
+        distributed.barrier(self.ctx)
         self.tokenizer = prepare_tokenizer(cfg, self.run_dir, train_src, train_tgt)
         self.train_data = load_parallel(train_src, train_tgt, self.tokenizer, cfg.data.max_len)
         valid_src, valid_tgt = config.split_paths(cfg.data, "valid")
         self.valid_src, self.valid_ref = read_parallel(valid_src, valid_tgt)
         self.valid_data = load_parallel(valid_src, valid_tgt, self.tokenizer, cfg.model.max_positions - 1)
-        self.batches = EpochBatches(self.train_data, tc.max_tokens, tc.seed, rank, world_size)
+        self.batches = EpochBatches(self.train_data, tc.max_tokens, tc.seed, self.rank, self.world_size)
         if not self.batches.epoch(1):
-            raise NmtError(f"train.max_tokens={tc.max_tokens} with {world_size} rank(s) leaves no "
+            raise NmtError(f"train.max_tokens={tc.max_tokens} with {self.world_size} rank(s) leaves no "
                            "batch in an epoch; use fewer ranks or more data")
 
         self.model = build_model(cfg.model, len(self.tokenizer)).to(self.device)
+        self.net = self.model  # what the updates run through: the model, or its DDP wrapper
+        if self.ctx.distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        torch.manual_seed(tc.seed + self.rank)  # different dropout masks on every rank
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=tc.lr, betas=tuple(tc.adam_betas),
                                           eps=tc.adam_eps, weight_decay=tc.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, inverse_sqrt(tc.warmup_steps))
@@ -183,16 +198,19 @@ class Trainer:
                 "vocab_size": len(self.tokenizer)}
 
     def save(self, name: str, full: bool) -> None:
+        """Write a checkpoint from rank 0; ``full`` (with training state) must be called on every rank."""
+        rng = None
+        if full:  # each rank's RNG, so every rank resumes its own dropout stream
+            rng = distributed.gather_objects(self.ctx, {
+                "torch": torch.get_rng_state(), "python": list(_flatten(random.getstate())),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []})
         if not self.main:
             return
-        state = {**self._meta(), "model": self.model.state_dict()}
+        state = {**self._meta(), "model": self.model.state_dict(), "world_size": self.world_size}
         if full:
             state.update(
                 optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
-                scaler=self.scaler.state_dict(), progress=vars(self.state).copy(),
-                rng={"torch": torch.get_rng_state(), "python": list(_flatten(random.getstate())),
-                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-            )
+                scaler=self.scaler.state_dict(), progress=vars(self.state).copy(), rng=rng)
         checkpoint.save(state, self.run_dir / name)
 
     def resume(self) -> None:
@@ -203,15 +221,20 @@ class Trainer:
                            f"for {self.cfg.model.kind}; train into a new --run directory")
         if "optimizer" not in state:
             raise NmtError(f"{path} has no training state to resume from; train into a new --run")
+        if state.get("world_size", 1) != self.world_size:
+            raise NmtError(f"{path} was trained on {state.get('world_size', 1)} rank(s), this job has "
+                           f"{self.world_size}: the batch order and effective batch depend on it; resume "
+                           f"with --nproc {state.get('world_size', 1)}, or train into a new --run directory")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.state = Progress(**state["progress"])
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(_unflatten(state["rng"]["python"]))
-        if state["rng"]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        rng = state["rng"][self.rank]
+        torch.set_rng_state(rng["torch"])
+        random.setstate(_unflatten(rng["python"]))
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
         self.log.truncate_after(self.state.step)
         log.info("resuming %s at step %d (epoch %d)", self.run_dir, self.state.step, self.state.epoch)
 
@@ -229,30 +252,49 @@ class Trainer:
             return f"no better valid BLEU in {tc.patience} validations (train.patience)"
         return None
 
-    def _next_group(self) -> list[list[int]]:
-        """The micro-batches of the next update; moves the position in the epoch forward."""
+    def _next_group(self, advance: bool = True) -> list[list[int]]:
+        """The micro-batches of the next update; ``advance`` moves the position in the epoch on."""
         st, uf = self.state, self.cfg.train.update_freq
-        order = self.batches.epoch(st.epoch)
+        order = self._epoch_order if self._epoch_order_of == st.epoch else self.batches.epoch(st.epoch)
+        self._epoch_order, self._epoch_order_of = order, st.epoch
         group = order[st.batch_in_epoch : st.batch_in_epoch + uf]
-        st.batch_in_epoch += len(group)
-        if st.batch_in_epoch >= len(order):
-            st.epoch, st.batch_in_epoch = st.epoch + 1, 0
+        if advance:
+            st.batch_in_epoch += len(group)
+            if st.batch_in_epoch >= len(order):
+                st.epoch, st.batch_in_epoch = st.epoch + 1, 0
         return group
 
-    def update(self, group: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """One optimizer step over the micro-batches of ``group``; returns summed loss, nll, tokens."""
+    _epoch_order: list[list[int]] = []
+    _epoch_order_of = 0
+
+    def _target_tokens(self, group: list[list[int]]) -> int:
+        return sum(len(self.train_data.tgt[i]) + 1 for idx in group for i in idx)
+
+    def update(self, group: list[list[int]], total_tokens: int | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """One optimizer step over the micro-batches of ``group``; returns summed loss, nll, tokens.
+
+        ``total_tokens`` is the number of target tokens in this update over all ranks: the loss
+        is divided by it, so N ranks make the same update as one rank with all N batches.
+        """
         tc = self.cfg.train
         batches = [collate(self.train_data, idx).to(self.device) for idx in group]
         ntokens = sum(b.ntokens for b in batches)
-        self.model.train()
+        total_tokens = total_tokens or ntokens
+        # DDP averages gradients over ranks; scale back up so the result is a sum / total tokens.
+        scale = self.world_size / total_tokens
+        self.net.train()
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=self.device)
         nll_sum = torch.zeros((), device=self.device)
-        for batch in batches:
-            with self.autocast:
-                logits = self.model(batch.src, batch.src_lens, batch.tgt_in)
-            loss, nll = label_smoothed_nll(logits, batch.tgt_out, tc.label_smoothing)
-            self.scaler.scale(loss / ntokens).backward()
+        for i, batch in enumerate(batches):
+            last = i == len(batches) - 1
+            sync = nullcontext() if last or not self.ctx.distributed else self.net.no_sync()
+            with sync:
+                with self.autocast:
+                    logits = self.net(batch.src, batch.src_lens, batch.tgt_in)
+                loss, nll = label_smoothed_nll(logits, batch.tgt_out, tc.label_smoothing)
+                self.scaler.scale(loss * scale).backward()
             loss_sum += loss.detach()
             nll_sum += nll
         self.scaler.unscale_(self.optimizer)
@@ -261,7 +303,7 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        return loss_sum, nll_sum, ntokens
+        return loss_sum, nll_sum, total_tokens
 
     @torch.no_grad()
     def validate(self) -> dict:
@@ -282,7 +324,11 @@ class Trainer:
                 "valid_bleu": score.score, "valid_bleu_signature": score.signature}
 
     def _validate_and_save(self) -> None:
+        """Validate on rank 0; every rank takes part in writing ``last.pt`` (it holds all RNGs)."""
         st, tc = self.state, self.cfg.train
+        if not self.main:
+            self.save("last.pt", full=True)
+            return
         start = time.perf_counter()
         result = self.validate()
         improved = result["valid_bleu"] > st.best_bleu
@@ -337,11 +383,20 @@ class Trainer:
         window = {"loss": torch.zeros(()), "nll": torch.zeros(()), "tokens": 0, "seconds": 0.0, "steps": 0}
         validated_at = st.step
         try:
-            while not (reason := self._limits_reached()):
-                if self.stop_requested:
-                    raise KeyboardInterrupt
+            while True:
+                # One collective per update carries both the stop decision (any rank's limit or
+                # signal) and the update's target tokens over all ranks.
+                reason = self._limits_reached()
+                group = self._next_group(advance=False)
+                stop, interrupt, ntokens = distributed.all_sum(
+                    self.ctx, [float(reason is not None), float(self.stop_requested), self._target_tokens(group)])
+                if interrupt:
+                    raise _Interrupted
+                if stop:
+                    reason = reason or "another rank reached its limit"
+                    break
                 start = time.perf_counter()
-                loss, nll, ntokens = self.update(self._next_group())
+                loss, nll, ntokens = self.update(self._next_group(), int(ntokens))
                 st.step += 1
                 seconds = time.perf_counter() - start
                 st.train_seconds += seconds
@@ -356,11 +411,15 @@ class Trainer:
                 if tc.valid_every and st.step % tc.valid_every == 0:
                     self._validate_and_save()
                     validated_at = st.step
-        except KeyboardInterrupt:
+        except _Interrupted:  # between updates, on every rank at the same step: a clean state
             bar.close()
             self.save("last.pt", full=True)
             raise NmtError(f"interrupted at step {st.step}; {self.run_dir / 'last.pt'} is saved: "
                            "run the same command to resume") from None
+        except KeyboardInterrupt:  # a second signal, possibly mid-update: keep the last good checkpoint
+            bar.close()
+            raise NmtError(f"stopped during step {st.step + 1}; the last checkpoint written is kept: "
+                           "run the same command to resume from it") from None
         finally:
             for s, h in handlers.items():
                 signal.signal(s, h)
@@ -386,7 +445,7 @@ class Trainer:
             "step": st.step, "epoch": st.epoch,
             "loss": float(window["loss"]) / tokens, "nll": float(window["nll"]) / tokens,
             "lr": self.scheduler.get_last_lr()[0],
-            "tokens_per_s": window["tokens"] * self.world_size / max(window["seconds"], 1e-9),
+            "tokens_per_s": window["tokens"] / max(window["seconds"], 1e-9),
             "train_seconds": round(st.train_seconds, 3), "valid_seconds": round(st.valid_seconds, 3),
         }
         self.log.write(event="train", **record)
@@ -398,6 +457,10 @@ class Trainer:
                 postfix["eta"] = f"{int(left // 60)}:{int(left % 60):02d}"
             bar.set_postfix(postfix, refresh=False)
         window.update(loss=torch.zeros(()), nll=torch.zeros(()), tokens=0, seconds=0.0, steps=0)
+
+
+class _Interrupted(Exception):
+    """A stop asked for by a signal, taken between two updates."""
 
 
 def _main_thread() -> bool:
@@ -415,9 +478,20 @@ def _unflatten(flat: list):
 
 
 def train(cfg: Config, run_dir: Path, progress_bar: bool = True) -> Progress:
-    """Train ``cfg`` into ``run_dir``, resuming if it holds a ``last.pt``."""
-    cfg, resume = prepare_run(cfg, Path(run_dir))
-    trainer = Trainer(cfg, run_dir, progress_bar=progress_bar)
-    if resume:
-        trainer.resume()
-    return trainer.train()
+    """Train ``cfg`` into ``run_dir``, resuming if it holds a ``last.pt``.
+
+    Under torchrun every rank calls this; each checks the run directory the same way (so a
+    refusal reaches all ranks at once) and only rank 0 writes.
+    """
+    ctx = distributed.setup(cfg.train.dist_timeout_minutes)
+    if not ctx.main:  # one voice: the other ranks speak only to warn
+        log.setLevel(logging.WARNING)
+    try:
+        cfg, resume = prepare_run(cfg, Path(run_dir), write=ctx.main)
+        distributed.barrier(ctx)
+        trainer = Trainer(cfg, run_dir, progress_bar=progress_bar, ctx=ctx)
+        if resume:
+            trainer.resume()
+        return trainer.train()
+    finally:
+        distributed.teardown()

@@ -73,8 +73,8 @@ def test_interrupted_run_saves_and_resumes(tmp_path: Path, corpus: Path, spm_mod
     run = tmp_path / "run"
     original = Trainer.update
 
-    def update_then_interrupt(self, group):
-        out = original(self, group)
+    def update_then_interrupt(self, group, total_tokens=None):
+        out = original(self, group, total_tokens)
         if self.state.step == 4:  # the update in flight finishes; the signal stops the next one
             self.stop_requested = True
         return out

@@ -1,0 +1,105 @@
+"""Data-parallel training on torch.distributed, as launched by torchrun.
+
+torchrun (or ``nmt train --nproc N``, which runs torchrun's own entry point in-process)
+starts one process per device and sets RANK, WORLD_SIZE and LOCAL_RANK. Each process
+calls ``setup()``: NCCL on CUDA, gloo on the CPU, with a collective timeout from the
+recipe instead of the 30-minute default, so a lost peer ends the job instead of hanging it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from nmt.errors import NmtError
+
+
+@dataclass
+class Context:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def launched() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def setup(timeout_minutes: float = 10.0) -> Context:
+    """Join the process group torchrun prepared; a plain process gets a one-rank context."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if not launched():
+        return Context(device=device)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        try:
+            dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes))
+        except (RuntimeError, ValueError, OSError) as e:
+            where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+            raise NmtError(f"rank {rank} could not join the process group at {where} "
+                           f"({str(e).splitlines()[0][:120]}); if the port is taken, pick another "
+                           "(--master-port or --rdzv-endpoint), and check every node can reach it") from None
+    return Context(rank, world, local_rank, local_world, device)
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(ctx: Context) -> None:
+    if ctx.distributed:
+        dist.barrier()
+
+
+def all_sum(ctx: Context, values: list[float]) -> list[float]:
+    """Element-wise sum over ranks (one collective for several numbers)."""
+    if not ctx.distributed:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=ctx.device if ctx.device.type == "cuda" else "cpu")
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def gather_objects(ctx: Context, obj):
+    """Every rank's ``obj`` as a list on every rank."""
+    if not ctx.distributed:
+        return [obj]
+    out = [None] * ctx.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def run_torchrun(nproc: int, argv: list[str]) -> None:
+    """Start ``python -m nmt ARGV`` on ``nproc`` local processes with torchrun's entry point."""
+    from torch.distributed.run import parse_args, run
+
+    try:
+        run(parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "nmt", *argv]))
+    except Exception as e:  # torchrun's ChildFailedError: the failing rank has already said why
+        name = type(e).__name__
+        if name == "ChildFailedError":
+            failures = getattr(e, "failures", {})
+            ranks = ", ".join(str(r) for r in sorted(failures)) or "?"
+            raise NmtError(f"rank {ranks} of {nproc} failed; the others were stopped. The last "
+                           "checkpoint written is intact: run the same command to resume") from None
+        raise
