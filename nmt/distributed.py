@@ -90,16 +90,23 @@ def gather_objects(ctx: Context, obj):
 
 
 def run_torchrun(nproc: int, argv: list[str]) -> None:
-    """Start ``python -m nmt ARGV`` on ``nproc`` local processes with torchrun's entry point."""
-    from torch.distributed.run import parse_args, run
+    """Start ``python -m nmt ARGV`` on ``nproc`` local processes with torchrun's launcher.
 
+    The same elastic agent as ``torchrun --standalone --nproc-per-node N``: a free port on
+    this host, no restarts, and when one rank fails the agent stops the others.
+    """
+    import sys
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    launch = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
+                          monitor_interval=0.5)
     try:
-        run(parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "nmt", *argv]))
-    except Exception as e:  # torchrun's ChildFailedError: the failing rank has already said why
-        name = type(e).__name__
-        if name == "ChildFailedError":
-            failures = getattr(e, "failures", {})
-            ranks = ", ".join(str(r) for r in sorted(failures)) or "?"
-            raise NmtError(f"rank {ranks} of {nproc} failed; the others were stopped. The last "
-                           "checkpoint written is intact: run the same command to resume") from None
-        raise
+        elastic_launch(launch, entrypoint=sys.executable)("-u", "-m", "nmt", *argv)
+    except ChildFailedError as e:  # the failing rank has printed its own reason already
+        ranks = ", ".join(str(r) for r in sorted(e.failures)) or "?"
+        raise NmtError(f"rank {ranks} of {nproc} failed and the others were stopped; the last "
+                       "checkpoint written is intact: run the same command to resume") from None
