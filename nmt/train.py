@@ -186,6 +186,9 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, inverse_sqrt(tc.warmup_steps))
         self.state = Progress()
         self.log = JsonLog(self.run_dir / "log.jsonl", enabled=self.main)
+        if tc.precision == "fp16" and self.device.type != "cuda":
+            raise NmtError("train.precision=fp16 needs a CUDA GPU (the CPU has no fp16 LSTM kernels and "
+                           "gains nothing from fp16); use bf16 or fp32 on the CPU")
         self.autocast = (torch.autocast(self.device.type, dtype=getattr(torch, {"bf16": "bfloat16",
                          "fp16": "float16"}[tc.precision])) if tc.precision != "fp32" else nullcontext())
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=tc.precision == "fp16")

@@ -133,16 +133,24 @@ def test_taken_rendezvous_port_is_one_clear_error(monkeypatch) -> None:
             distributed.setup(timeout_minutes=0.2)
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_mixed_precision_trains_and_saves_fp32(tmp_path: Path, corpus: Path, trained_run: Path,
-                                               precision: str) -> None:
-    cfg = config.load_recipe(recipe(tmp_path, corpus, trained_run / "spm.model", max_steps=30,
-                                    valid_every=0, log_every=10, precision=precision))
+@pytest.mark.parametrize("kind", ["transformer", "gnmt"])
+def test_bf16_trains_and_saves_fp32(tmp_path: Path, corpus: Path, trained_run: Path, kind: str) -> None:
+    path = recipe(tmp_path, corpus, trained_run / "spm.model", max_steps=30, log_every=10, precision="bf16")
+    if kind == "gnmt":
+        raw = yaml.safe_load(path.read_text())
+        raw["model"] = {"kind": "gnmt", "embed_dim": 32, "hidden": 48, "max_positions": 64}
+        path.write_text(yaml.safe_dump(raw))
+    cfg = config.load_recipe(path)
     train(cfg, tmp_path / "run", progress_bar=False)
     state = checkpoint.load(tmp_path / "run" / "last.pt")
     assert {v.dtype for v in state["model"].values()} == {torch.float32}
     losses = [yaml.safe_load(line)["loss"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()
               if '"train"' in line]
     assert losses[-1] < losses[0]
-    if precision == "fp16":
-        assert state["scaler"]["scale"] > 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU fp16 is allowed")
+def test_fp16_on_the_cpu_is_refused(tmp_path: Path, corpus: Path, trained_run: Path) -> None:
+    cfg = config.load_recipe(recipe(tmp_path, corpus, trained_run / "spm.model", precision="fp16"))
+    with pytest.raises(NmtError, match="fp16 needs a CUDA GPU.*use bf16"):
+        train(cfg, tmp_path / "run", progress_bar=False)
