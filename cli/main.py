@@ -7,11 +7,9 @@ status 1; progress and log messages go to stderr, translations to stdout.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -187,29 +185,10 @@ def translate(
 
 def _evaluate_model(run_dir: Path, src: Path, ref: Path, checkpoint: str, beam: Optional[int],
                     progress: bool) -> dict:
-    from nmt.checkpoint import load_run
-    from nmt.data import read_parallel
-    from nmt.evaluate import bleu, chrf
+    from nmt.evaluate import evaluate_run
     from nmt.train import pick_device
-    from nmt.translate import translate_text
 
-    cfg, tokenizer, net = load_run(run_dir, checkpoint, pick_device())
-    search = _search_config(cfg, beam, 1, None, None, None)
-    lines, refs = read_parallel(src, ref)
-    start = time.perf_counter()
-    hyps = translate_text(net, tokenizer, lines, search)
-    seconds = time.perf_counter() - start
-    scores = [bleu(hyps, refs, "translations", str(ref)), chrf(hyps, refs, "translations", str(ref))]
-    result = {s.metric: {"score": s.score, "signature": s.signature, "line": s.line()} for s in scores}
-    result.update(src=str(src), ref=str(ref), checkpoint=checkpoint, beam=search.beam,
-                  sentences=len(lines), decode_seconds=seconds,
-                  sentences_per_s=len(lines) / max(seconds, 1e-9))
-    out_dir = Path(run_dir) / "eval"
-    out_dir.mkdir(exist_ok=True)
-    stem = f"{src.name}.{checkpoint if checkpoint in ('best', 'last', 'averaged') else 'ckpt'}.beam{search.beam}"
-    (out_dir / f"{stem}.hyp").write_text("".join(f"{h}\n" for h in hyps), encoding="utf-8")
-    (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
-    return result
+    return evaluate_run(run_dir, src, ref, checkpoint, beam, pick_device())
 
 
 @app.command("eval")

@@ -7,7 +7,9 @@ reports is the number the sacrebleu command line gives on the same files.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from sacrebleu.metrics import BLEU, CHRF
 
@@ -66,3 +68,32 @@ def report(scores: list[Score], as_json: bool, width: int = 1) -> str:
 
 def to_record(scores: list[Score]) -> dict:
     return {s.metric: asdict(s) for s in scores}
+
+
+def evaluate_run(run_dir: Path, src: Path, ref: Path, checkpoint: str = "best", beam: int | None = None,
+                 device: str = "cpu") -> dict:
+    """Translate ``src`` with a run's model, score against ``ref``, save both in ``run_dir/eval``."""
+    from nmt.checkpoint import load_run
+    from nmt.config import SearchConfig
+    from nmt.data import read_parallel
+    from nmt.tokenizer import file_sha256
+    from nmt.translate import translate_text
+
+    cfg, tokenizer, net = load_run(run_dir, checkpoint, device)
+    search = SearchConfig(**{**vars(cfg.search), "n_best": 1, **({"beam": beam} if beam else {})})
+    lines, refs = read_parallel(src, ref)
+    start = time.perf_counter()
+    hyps = translate_text(net, tokenizer, lines, search)
+    seconds = time.perf_counter() - start
+    scores = [bleu(hyps, refs, "translations", str(ref)), chrf(hyps, refs, "translations", str(ref))]
+    result = {s.metric: {"score": s.score, "signature": s.signature, "line": s.line()} for s in scores}
+    result.update(src=str(src), ref=str(ref), ref_sha256=file_sha256(ref), checkpoint=checkpoint,
+                  beam=search.beam, sentences=len(lines), decode_seconds=seconds,
+                  sentences_per_s=len(lines) / max(seconds, 1e-9))
+    out_dir = Path(run_dir) / "eval"
+    out_dir.mkdir(exist_ok=True)
+    tag = checkpoint if checkpoint in ("best", "last", "averaged") else "ckpt"
+    stem = f"{Path(src).name}.{tag}.beam{search.beam}"
+    (out_dir / f"{stem}.hyp").write_text("".join(f"{h}\n" for h in hyps), encoding="utf-8")
+    (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
+    return result
