@@ -232,6 +232,60 @@ def eval_(
     typer.echo(report(metrics, as_json, width))
 
 
+# --- report and attention -------------------------------------------------------------------
+
+@app.command()
+@user_errors
+def report(
+    runs: Annotated[list[Path], typer.Argument(help="Run directories to compare.")],
+    fmt: Annotated[str, typer.Option("--format", help="md, csv or json.")] = "md",
+    plot: Annotated[Optional[Path], typer.Option(help="Write valid BLEU against training time to this PNG.")] = None,
+    target: Annotated[Optional[float], typer.Option(help="Valid BLEU whose first reaching is timed.")] = None,
+    speed: Annotated[bool, typer.Option(help="Add tokens/s over time to the plot.")] = False,
+    allow_mixed: Annotated[bool, typer.Option(help="Report runs with different tokenizers or test sets.")] = False,
+):
+    """One row per run: cost (training time, tokens/s) and quality (valid/test BLEU, chrF)."""
+    from nmt import report as reports
+
+    rows = [reports.summarize(run, target) for run in runs]
+    if not allow_mixed:
+        reports.check_comparable(rows)
+    typer.echo(reports.render(rows, fmt), nl=False)
+    if plot is not None:
+        reports.plot(runs, plot, target, speed)
+        typer.echo(f"plot: {plot}", err=True)
+
+
+@app.command()
+@user_errors
+def attention(
+    model: Annotated[Path, typer.Option("--model", "-m", help="Run directory.")],
+    text: Annotated[str, typer.Option(help="The source sentence.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="PNG to write.")] = Path("attention.png"),
+    checkpoint: Annotated[str, typer.Option(help="best, last, averaged, or a checkpoint path.")] = "best",
+    beam: Annotated[Optional[int], typer.Option(help="Beam size.")] = None,
+):
+    """Translate one sentence and draw the model's attention over the source as a heat map."""
+    from nmt.checkpoint import load_run
+    from nmt.report import attention_plot
+    from nmt.train import pick_device
+    from nmt.translate import translate as run_translate
+
+    cfg, tokenizer, net = load_run(model, checkpoint, pick_device())
+    search = _search_config(cfg, beam, 1, None, None, None)
+    (result,) = run_translate(net, tokenizer, [text], search, keep_attention=True)
+    if not result.hypotheses or result.hypotheses[0].attention is None:
+        raise NmtError("nothing to draw: the sentence is empty or the model gives no attention")
+    hyp = result.hypotheses[0]
+    (src_ids,) = tokenizer.encode([text.strip()])
+    src = [tokenizer.sp.IdToPiece(i) for i in src_ids[: hyp.attention.size(1) - 1]] + ["</s>"]
+    tgt = [tokenizer.sp.IdToPiece(i) for i in hyp.tokens] + ["</s>"]
+    attention_plot(src, tgt, hyp.attention[:, : len(src)].cpu().numpy(), output,
+                   title=f"{cfg.model.kind}: {result.texts[0]}")
+    typer.echo(result.texts[0])
+    typer.echo(f"attention: {output}", err=True)
+
+
 # --- data -----------------------------------------------------------------------------------
 
 @data_app.command("multi30k")

@@ -1,0 +1,241 @@
+"""Runs -> one table of cost and quality, and a picture of valid BLEU against training time.
+
+Everything is read from the run directories: ``config.yaml``, ``log.jsonl`` (training and
+validation clocks kept apart) and ``eval/*.json`` (``nmt eval --model`` results). Runs are
+put in one table only when they share the tokenizer and the test set, unless asked.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import statistics
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from nmt.errors import NmtError
+from nmt.tokenizer import MODEL_FILE, file_sha256
+
+
+@dataclass
+class RunSummary:
+    run: str
+    model: str
+    params: int | None
+    device: str
+    ranks: int
+    precision: str
+    effective_batch: int | None
+    steps: int
+    epochs: int
+    status: str  # finished | unfinished
+    train_minutes: float  # wall clock of the updates only
+    valid_minutes: float
+    tokens_per_s: float | None  # median over logged windows
+    best_valid_bleu: float | None
+    test_bleu: float | None
+    test_chrf: float | None
+    test_signature: str
+    time_to_target_minutes: float | None  # training clock when valid BLEU first reached the target
+    decode_sent_per_s: float | None  # beam 5 on the test set, where measured
+    tokenizer_sha256: str
+    test_set: str  # the reference file's sha256 (or name) of the test result
+
+
+def read_log(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise NmtError(f"{path}: missing; is {path.parent} a run directory written by nmt train?")
+    records = []
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if n == len(lines):  # a run killed mid-write: the lines before it stand
+                break
+            raise NmtError(f"{path}:{n}: not a JSON record; the log is corrupt (truncate the bad line "
+                           "or report the run without it)") from None
+        if not isinstance(record, dict) or "event" not in record:
+            raise NmtError(f"{path}:{n}: not an nmt log record (no 'event')")
+        records.append(record)
+    if not records:
+        raise NmtError(f"{path}: empty; the run has not started training")
+    return records
+
+
+def time_to_target(records: list[dict], target: float) -> float | None:
+    """Training minutes at the first validation whose BLEU reached ``target``."""
+    for r in records:
+        if r["event"] == "valid" and r.get("valid_bleu", -1) >= target:
+            return r["train_seconds"] / 60
+    return None
+
+
+def _test_result(run: Path) -> dict | None:
+    """The newest beam-5 evaluation of the run (any beam if there is none)."""
+    results = []
+    for path in sorted((run / "eval").glob("*.json")):
+        try:
+            results.append((path.stat().st_mtime, json.loads(path.read_text(encoding="utf-8"))))
+        except (OSError, json.JSONDecodeError):
+            continue
+    if not results:
+        return None
+    results.sort(key=lambda item: (item[1].get("beam") == 5, item[0]))
+    return results[-1][1]
+
+
+def summarize(run: Path, target: float | None = None) -> RunSummary:
+    run = Path(run)
+    records = read_log(run / "log.jsonl")
+    start = next((r for r in records if r["event"] == "start"), {})
+    train = [r for r in records if r["event"] == "train"]
+    valid = [r for r in records if r["event"] == "valid"]
+    end = next((r for r in reversed(records) if r["event"] == "end"), None)
+    last = records[-1]
+    test = _test_result(run)
+    spm = run / MODEL_FILE
+    return RunSummary(
+        run=run.name,
+        model=_model_kind(run),
+        params=start.get("params"),
+        device=start.get("device", "?"),
+        ranks=start.get("world_size", 1),
+        precision=start.get("precision", "fp32"),
+        effective_batch=start.get("effective_batch_tokens"),
+        steps=last.get("step", 0),
+        epochs=max((r.get("epoch", 1) for r in records), default=1),
+        status="finished" if end else "unfinished",
+        train_minutes=last.get("train_seconds", 0.0) / 60,
+        valid_minutes=last.get("valid_seconds", 0.0) / 60,
+        tokens_per_s=statistics.median(r["tokens_per_s"] for r in train) if train else None,
+        best_valid_bleu=max((r["valid_bleu"] for r in valid), default=None),
+        test_bleu=test["BLEU"]["score"] if test else None,
+        test_chrf=test["chrF2"]["score"] if test else None,
+        test_signature=test["BLEU"]["signature"] if test else "",
+        time_to_target_minutes=time_to_target(records, target) if target is not None else None,
+        decode_sent_per_s=test["sentences_per_s"] if test and test.get("beam") == 5 else None,
+        tokenizer_sha256=file_sha256(spm) if spm.is_file() else "",
+        test_set=(test.get("ref_sha256") or Path(test["ref"]).name) if test else "",
+    )
+
+
+def _model_kind(run: Path) -> str:
+    import yaml
+
+    try:
+        return yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))["model"]["kind"]
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        raise NmtError(f"{run}: no readable config.yaml; is it a run directory written by nmt train?") from None
+
+
+def check_comparable(rows: list[RunSummary]) -> None:
+    """Refuse a table of runs with different tokenizers or test sets, naming which differ."""
+    for attr, what in (("tokenizer_sha256", "SentencePiece models"), ("test_set", "test sets")):
+        groups: dict[str, list[str]] = {}
+        for row in rows:
+            if getattr(row, attr):
+                groups.setdefault(getattr(row, attr), []).append(row.run)
+        if len(groups) > 1:
+            listing = "; ".join(", ".join(names) for names in groups.values())
+            raise NmtError(f"these runs use different {what} ({listing}), so their numbers do not "
+                           "compare; train with tokenizer.reuse / evaluate on the same files, or pass "
+                           "--allow-mixed")
+
+
+COLUMNS = [f.name for f in fields(RunSummary)]
+
+
+def render(rows: list[RunSummary], fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps([asdict(r) for r in rows], indent=1)
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: ("" if v is None else v) for k, v in asdict(r).items()})
+        return out.getvalue()
+    if fmt == "md":
+        return _markdown(rows)
+    raise NmtError(f"--format {fmt}: choose md, csv or json")
+
+
+def _markdown(rows: list[RunSummary]) -> str:
+    def num(value, spec: str) -> str:
+        return "–" if value is None else format(value, spec)
+
+    head = ["run", "model", "params", "device × ranks", "precision", "batch", "steps", "epochs",
+            "train min", "valid min", "tok/s", "best valid BLEU", "test BLEU", "test chrF",
+            "to target (min)", "beam-5 sent/s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r.run + ("" if r.status == "finished" else " (unfinished)"), r.model, num(r.params, ","),
+                 f"{r.device} × {r.ranks}", r.precision, num(r.effective_batch, ","), str(r.steps),
+                 str(r.epochs), f"{r.train_minutes:.1f}", f"{r.valid_minutes:.1f}", num(r.tokens_per_s, ",.0f"),
+                 num(r.best_valid_bleu, ".2f"), num(r.test_bleu, ".2f"), num(r.test_chrf, ".2f"),
+                 num(r.time_to_target_minutes, ".1f"), num(r.decode_sent_per_s, ".1f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    signatures = sorted({r.test_signature for r in rows if r.test_signature})
+    if signatures:
+        lines.append("")
+        lines.append("Test BLEU signature: " + "; ".join(signatures))
+    return "\n".join(lines) + "\n"
+
+
+def plot(runs: list[Path], out: Path, target: float | None = None, speed: bool = False) -> None:
+    """Valid BLEU against training minutes, a line per run; tokens/s below it if ``speed``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = 2 if speed else 1
+    fig, axes = plt.subplots(rows, 1, figsize=(7, 4 * rows), squeeze=False)
+    ax = axes[0][0]
+    for run in runs:
+        records = read_log(Path(run) / "log.jsonl")
+        valid = [r for r in records if r["event"] == "valid"]
+        label = f"{Path(run).name} ({_model_kind(Path(run))})"
+        ax.plot([r["train_seconds"] / 60 for r in valid], [r["valid_bleu"] for r in valid], marker="o",
+                markersize=3, label=label)
+        if speed:
+            train = [r for r in records if r["event"] == "train"]
+            axes[1][0].plot([r["train_seconds"] / 60 for r in train], [r["tokens_per_s"] for r in train],
+                            label=label)
+    if target is not None:
+        ax.axhline(target, linestyle="--", color="grey", label=f"target {target:g}")
+    ax.set_xlabel("training time (minutes, validation excluded)")
+    ax.set_ylabel("valid BLEU")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if speed:
+        axes[1][0].set_xlabel("training time (minutes)")
+        axes[1][0].set_ylabel("target tokens/s")
+        axes[1][0].grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def attention_plot(src_pieces: list[str], tgt_pieces: list[str], weights, out: Path, title: str = "") -> None:
+    """Heat map of (target x source) attention weights."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(4, 0.4 * len(src_pieces) + 2), max(3, 0.35 * len(tgt_pieces) + 1.5)))
+    ax.imshow(weights, cmap="Greys", aspect="auto", vmin=0.0)
+    ax.set_xticks(range(len(src_pieces)), src_pieces, rotation=90)
+    ax.set_yticks(range(len(tgt_pieces)), tgt_pieces)
+    ax.set_xlabel("source")
+    ax.set_ylabel("output")
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,115 @@
+"""nmt report on hand-written run directories: the numbers it derives, its formats and refusals."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from cli.main import app
+from nmt import report
+from nmt.errors import NmtError
+
+runner = CliRunner()
+
+
+def make_run(root: Path, name: str, kind: str = "transformer", finished: bool = True, spm: bytes = b"spm-A",
+             ref: str = "ref-sha-1") -> Path:
+    """A run whose valid BLEU goes 10 -> 22 -> 27 at 5, 10, 15 training minutes."""
+    run = root / name
+    (run / "eval").mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"kind": kind}}), encoding="utf-8")
+    (run / "spm.model").write_bytes(spm)
+    records = [{"event": "start", "step": 0, "params": 1234, "device": "cpu", "world_size": 2,
+                "precision": "bf16", "effective_batch_tokens": 8192}]
+    for i, (bleu, tok_s) in enumerate([(10.0, 900.0), (22.0, 1100.0), (27.0, 1000.0)], 1):
+        records.append({"event": "train", "step": 100 * i, "epoch": i, "loss": 3.0, "tokens_per_s": tok_s,
+                        "train_seconds": 300.0 * i, "valid_seconds": 20.0 * (i - 1)})
+        records.append({"event": "valid", "step": 100 * i, "epoch": i, "valid_bleu": bleu,
+                        "train_seconds": 300.0 * i, "valid_seconds": 20.0 * i})
+    if finished:
+        records.append({"event": "end", "step": 300, "train_seconds": 900.0, "valid_seconds": 60.0})
+    (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    (run / "eval" / "test2016.en.best.beam5.json").write_text(json.dumps({
+        "BLEU": {"score": 30.5, "signature": "nrefs:1|tok:13a"}, "chrF2": {"score": 55.25, "signature": "x"},
+        "beam": 5, "sentences_per_s": 42.0, "ref": "/data/test2016.de", "ref_sha256": ref}), encoding="utf-8")
+    return run
+
+
+def test_time_to_target_and_training_time_without_validation(tmp_path: Path) -> None:
+    row = report.summarize(make_run(tmp_path, "a"), target=20.0)
+    assert row.time_to_target_minutes == pytest.approx(10.0)  # first reached at 600 s of training
+    assert row.train_minutes == pytest.approx(15.0) and row.valid_minutes == pytest.approx(1.0)
+    assert row.tokens_per_s == 1000.0 and row.best_valid_bleu == 27.0
+    assert (row.test_bleu, row.test_chrf, row.decode_sent_per_s) == (30.5, 55.25, 42.0)
+    assert (row.ranks, row.precision, row.effective_batch, row.status) == (2, "bf16", 8192, "finished")
+    assert report.summarize(make_run(tmp_path, "b"), target=28.0).time_to_target_minutes is None
+
+
+def test_csv_and_json_parse_back_to_the_same_numbers(tmp_path: Path) -> None:
+    rows = [report.summarize(make_run(tmp_path, "a"), 20.0), report.summarize(make_run(tmp_path, "g", "gnmt"), 20.0)]
+    parsed = json.loads(report.render(rows, "json"))
+    assert [r["test_bleu"] for r in parsed] == [30.5, 30.5] and parsed[1]["model"] == "gnmt"
+    table = list(csv.DictReader(io.StringIO(report.render(rows, "csv"))))
+    assert float(table[0]["time_to_target_minutes"]) == rows[0].time_to_target_minutes
+    assert float(table[1]["train_minutes"]) == rows[1].train_minutes
+
+
+def test_unfinished_run_is_reported_as_such(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["report", str(make_run(tmp_path, "a", finished=False))])
+    assert result.exit_code == 0 and "a (unfinished)" in result.stdout
+
+
+@pytest.mark.parametrize("damage", ["missing", "corrupt"])
+def test_missing_or_corrupt_log_is_one_clear_line(tmp_path: Path, damage: str) -> None:
+    run = make_run(tmp_path, "a")
+    if damage == "missing":
+        (run / "log.jsonl").unlink()
+    else:
+        lines = (run / "log.jsonl").read_text().splitlines()
+        lines[3] = lines[3][:20]  # a damaged record in the middle
+        (run / "log.jsonl").write_text("\n".join(lines) + "\n")
+    result = runner.invoke(app, ["report", str(run)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.stderr.startswith("nmt: error: ") and "log.jsonl" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    if damage == "corrupt":
+        assert "log.jsonl:4:" in result.stderr
+
+
+def test_a_record_cut_off_at_the_end_is_left_out(tmp_path: Path) -> None:
+    run = make_run(tmp_path, "a", finished=False)
+    with (run / "log.jsonl").open("a") as f:
+        f.write('{"event": "train", "step": 4')  # the run was killed while writing
+    row = report.summarize(run)
+    assert row.status == "unfinished" and row.steps == 300
+
+
+def test_runs_with_different_tokenizers_or_test_sets_are_refused(tmp_path: Path) -> None:
+    a, b = make_run(tmp_path, "a"), make_run(tmp_path, "b", spm=b"spm-B")
+    refused = runner.invoke(app, ["report", str(a), str(b)])
+    assert refused.exit_code == 1 and "different SentencePiece models (a; b)" in refused.stderr
+    assert runner.invoke(app, ["report", str(a), str(b), "--allow-mixed"]).exit_code == 0
+    c = make_run(tmp_path, "c", ref="ref-sha-2")
+    with pytest.raises(NmtError, match="different test sets"):
+        report.check_comparable([report.summarize(a), report.summarize(c)])
+
+
+def test_plot_is_a_png(tmp_path: Path) -> None:
+    runs = [make_run(tmp_path, "a"), make_run(tmp_path, "g", "gnmt")]
+    out = tmp_path / "bleu.png"
+    result = runner.invoke(app, ["report", *map(str, runs), "--plot", str(out), "--target", "25", "--speed"])
+    assert result.exit_code == 0, result.output
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
+
+
+def test_attention_plot_for_both_model_kinds(trained_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "att.png"
+    result = runner.invoke(app, ["attention", "-m", str(trained_run), "--text", "red dog runs", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "Hund" in result.stdout and out.read_bytes()[:4] == b"\x89PNG"
