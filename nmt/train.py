@@ -152,6 +152,8 @@ class Trainer:
         self.device = self.ctx.device
         self.progress_bar = progress_bar and self.main
         self.stop_requested = False
+        self._epoch_order: list[list[int]] = []  # the current epoch's batches, built once
+        self._epoch_order_of = 0
         tc = cfg.train
         if tc.threads:
             torch.set_num_threads(tc.threads)
@@ -266,9 +268,6 @@ class Trainer:
             if st.batch_in_epoch >= len(order):
                 st.epoch, st.batch_in_epoch = st.epoch + 1, 0
         return group
-
-    _epoch_order: list[list[int]] = []
-    _epoch_order_of = 0
 
     def _target_tokens(self, group: list[list[int]]) -> int:
         return sum(len(self.train_data.tgt[i]) + 1 for idx in group for i in idx)
