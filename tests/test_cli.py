@@ -177,3 +177,10 @@ def test_train_then_print_test_bleu(tmp_path: Path, corpus: Path, trained_run: P
     result = run("train", str(recipe), "--run", str(tmp_path / "run"))
     assert result.exit_code == 0, result.output
     assert "test test.en -> test.de: BLEU|" in result.stdout
+
+
+def test_data_download_failure_is_one_line_and_leaves_nothing(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("NMT_MULTI30K_URL", "http://127.0.0.1:9")  # nothing listens there
+    line = one_error_line(run("data", "multi30k", "--dest", str(tmp_path)))
+    assert "127.0.0.1:9" in line
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
