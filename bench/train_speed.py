@@ -56,7 +56,7 @@ def main() -> None:
 
         for _ in range(args.warmup):
             trainer.update(trainer._next_group())
-        rates, step_flops, step_tokens = [], [], []
+        rates = []
         for w in range(args.windows):
             tokens, seconds = 0, 0.0
             for _ in range(args.steps):
@@ -79,8 +79,6 @@ def main() -> None:
 
         flops = count_flops(fwd_bwd)
         trainer.model.zero_grad(set_to_none=True)
-        step_flops.append(flops)
-        step_tokens.append(batch.ntokens)
         flops_per_token = flops / batch.ntokens
         tok_s = median(rates)
         achieved = tok_s * flops_per_token / 1e9

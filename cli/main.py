@@ -96,7 +96,7 @@ def train(
     if test and cfg.data.test and int(os.environ.get("RANK", "0")) == 0:
         src, ref = config.split_paths(cfg.data, "test")
         if src.exists() and ref.exists():
-            result = _evaluate_model(run_dir, src, ref, "best", None, progress=False)
+            result = _evaluate_model(run_dir, src, ref, "best", None)
             typer.echo(f"test {src.name} -> {ref.name}: {result['BLEU']['line']}")
             typer.echo(f"test {src.name} -> {ref.name}: {result['chrF2']['line']}")
 
@@ -183,8 +183,7 @@ def translate(
 
 # --- eval -----------------------------------------------------------------------------------
 
-def _evaluate_model(run_dir: Path, src: Path, ref: Path, checkpoint: str, beam: Optional[int],
-                    progress: bool) -> dict:
+def _evaluate_model(run_dir: Path, src: Path, ref: Path, checkpoint: str, beam: Optional[int]) -> dict:
     from nmt.evaluate import evaluate_run
     from nmt.train import pick_device
 
@@ -215,7 +214,7 @@ def eval_(
     if model is not None:
         if src is None:
             raise NmtError("--model needs --src, the source text to translate")
-        result = _evaluate_model(model, src, ref, checkpoint, beam, progress=False)
+        result = _evaluate_model(model, src, ref, checkpoint, beam)
         typer.echo(result["BLEU"]["line"])
         typer.echo(result["chrF2"]["line"])
         typer.echo(f"decoded {result['sentences']} sentences in {result['decode_seconds']:.1f} s "
