@@ -72,7 +72,6 @@ class GNMTConfig:
 
 
 MODEL_CONFIGS: dict[str, type] = {"transformer": TransformerConfig, "gnmt": GNMTConfig}
-ModelConfig = TransformerConfig | GNMTConfig
 
 
 @dataclass

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from sacrebleu.metrics import BLEU, CHRF
@@ -64,10 +64,6 @@ def report(scores: list[Score], as_json: bool, width: int = 1) -> str:
         items = [s.to_json(width) for s in scores]
         return json.dumps(items[0] if len(items) == 1 else items, indent=1, ensure_ascii=False)
     return "\n".join(s.line(width) for s in scores)
-
-
-def to_record(scores: list[Score]) -> dict:
-    return {s.metric: asdict(s) for s in scores}
 
 
 def evaluate_run(run_dir: Path, src: Path, ref: Path, checkpoint: str = "best", beam: int | None = None,

@@ -382,7 +382,8 @@ class Trainer:
             if _main_thread() else {}
         bar = tqdm(total=tc.max_steps or None, initial=st.step, disable=not self.progress_bar,
                    file=sys.stderr, dynamic_ncols=True, unit="step")
-        window = {"loss": torch.zeros(()), "nll": torch.zeros(()), "tokens": 0, "seconds": 0.0, "steps": 0}
+        zero = torch.zeros((), device=self.device)
+        window = {"loss": zero, "nll": zero, "tokens": 0, "seconds": 0.0, "steps": 0}
         validated_at = st.step
         try:
             while True:
@@ -402,8 +403,9 @@ class Trainer:
                 st.step += 1
                 seconds = time.perf_counter() - start
                 st.train_seconds += seconds
-                window["loss"] = window["loss"] + loss.cpu()
-                window["nll"] = window["nll"] + nll.cpu()
+                # Summed on the device; read once per log window, not once per step.
+                window["loss"] = window["loss"] + loss
+                window["nll"] = window["nll"] + nll
                 window["tokens"] += ntokens
                 window["seconds"] += seconds
                 window["steps"] += 1
@@ -458,7 +460,8 @@ class Trainer:
                 left = max(self.cfg.train.max_minutes * 60 - st.train_seconds, 0)
                 postfix["eta"] = f"{int(left // 60)}:{int(left % 60):02d}"
             bar.set_postfix(postfix, refresh=False)
-        window.update(loss=torch.zeros(()), nll=torch.zeros(()), tokens=0, seconds=0.0, steps=0)
+        window.update(loss=torch.zeros((), device=self.device), nll=torch.zeros((), device=self.device),
+                      tokens=0, seconds=0.0, steps=0)
 
 
 class _Interrupted(Exception):
