@@ -130,8 +130,10 @@ SECTIONS = {
     "search": SearchConfig,
 }
 # Keys whose change does not stop a run from resuming.
+# A resumed run keeps the tokenizer copied into its directory, so where it first came from
+# (tokenizer.reuse) does not matter any more.
 RESUMABLE_CHANGES = {
-    "train.max_steps", "train.max_epochs", "train.max_minutes", "train.valid_every",
+    "tokenizer.reuse", "train.max_steps", "train.max_epochs", "train.max_minutes", "train.valid_every",
     "train.patience", "train.log_every", "train.keep_last", "train.average_last",
     "train.threads", "train.valid_beam", "train.dist_timeout_minutes", "name",
 }

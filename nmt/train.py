@@ -235,7 +235,9 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.state = Progress(**state["progress"])
-        rng = state["rng"][self.rank]
+        rng = state["rng"]
+        if "torch" not in rng:  # one generator state per rank; older checkpoints kept one
+            rng = rng[self.rank]
         torch.set_rng_state(rng["torch"])
         random.setstate(_unflatten(rng["python"]))
         if rng["cuda"] and torch.cuda.is_available():

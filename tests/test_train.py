@@ -96,6 +96,20 @@ def test_changed_config_refuses_to_resume(tmp_path: Path, corpus: Path, spm_mode
         train(changed, run, progress_bar=False)
     # A limit is not part of what was trained: raising it continues the run.
     assert train(small(corpus, spm_model, max_steps=4, valid_every=0), run, progress_bar=False).step == 4
+    # Once the run holds its own copy of the tokenizer, where it first came from does not matter.
+    moved = small(corpus, spm_model, max_steps=6, valid_every=0)
+    moved.tokenizer.reuse = None
+    assert train(moved, run, progress_bar=False).step == 6
+
+
+def test_resume_from_a_checkpoint_with_one_rng_state(tmp_path: Path, corpus: Path, spm_model: str) -> None:
+    """Checkpoints written before the RNG was kept per rank hold a single generator state."""
+    run = tmp_path / "run"
+    train(small(corpus, spm_model, max_steps=2, valid_every=0), run, progress_bar=False)
+    state = checkpoint.load(run / "last.pt")
+    state["rng"] = state["rng"][0]
+    checkpoint.save(state, run / "last.pt")
+    assert train(small(corpus, spm_model, max_steps=4, valid_every=0), run, progress_bar=False).step == 4
 
 
 def test_averaging_last_checkpoints(tmp_path: Path, corpus: Path, spm_model: str) -> None:
