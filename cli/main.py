@@ -241,12 +241,15 @@ def report(
     plot: Annotated[Optional[Path], typer.Option(help="Write valid BLEU against training time to this PNG.")] = None,
     target: Annotated[Optional[float], typer.Option(help="Valid BLEU whose first reaching is timed.")] = None,
     speed: Annotated[bool, typer.Option(help="Add tokens/s over time to the plot.")] = False,
+    at: Annotated[Optional[str], typer.Option(
+        help="Training minutes, comma-separated (e.g. 10,20,40,80): best valid BLEU by each.")] = None,
     allow_mixed: Annotated[bool, typer.Option(help="Report runs with different tokenizers or test sets.")] = False,
 ):
     """One row per run: cost (training time, tokens/s) and quality (valid/test BLEU, chrF)."""
     from nmt import report as reports
 
-    rows = [reports.summarize(run, target) for run in runs]
+    marks = reports.parse_minutes(at) if at is not None else []
+    rows = [reports.summarize(run, target, marks) for run in runs]
     if not allow_mixed:
         reports.check_comparable(rows)
     typer.echo(reports.render(rows, fmt), nl=False)

@@ -11,7 +11,7 @@ import csv
 import io
 import json
 import statistics
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from nmt.errors import NmtError
@@ -41,6 +41,9 @@ class RunSummary:
     decode_sent_per_s: float | None  # beam 5 on the test set, where measured
     tokenizer_sha256: str
     test_set: str  # the reference file's sha256 (or name) of the test result
+    # Best valid BLEU by each of the asked training times ({"10": 21.3, ...}); None where the
+    # run did not train that long.
+    bleu_at: dict[str, float | None] = field(default_factory=dict)
 
 
 def read_log(path: Path) -> list[dict]:
@@ -74,6 +77,31 @@ def time_to_target(records: list[dict], target: float) -> float | None:
     return None
 
 
+# A run stopped by a time limit finishes the update in flight, so its last validation lands a
+# little after the mark; this much slack still counts it as "at" the mark.
+AT_SLACK = 1.01
+
+
+def bleu_at(records: list[dict], minutes: float) -> float | None:
+    """Best valid BLEU among validations by ``minutes`` of training, None if it trained less."""
+    limit = minutes * 60 * AT_SLACK
+    if max((r.get("train_seconds", 0.0) for r in records), default=0.0) < minutes * 60 / AT_SLACK:
+        return None
+    scores = [r["valid_bleu"] for r in records if r["event"] == "valid" and r["train_seconds"] <= limit]
+    return max(scores, default=None)
+
+
+def parse_minutes(text: str) -> list[float]:
+    """``"10,20,40"`` -> [10.0, 20.0, 40.0], for ``nmt report --at``."""
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise NmtError(f"--at {text}: give training minutes separated by commas, e.g. --at 10,20,40") from None
+    if not values or any(v <= 0 for v in values):
+        raise NmtError(f"--at {text}: give positive training minutes separated by commas, e.g. --at 10,20,40")
+    return values
+
+
 def _test_result(run: Path) -> dict | None:
     """The newest beam-5 evaluation of the run (any beam if there is none)."""
     results = []
@@ -88,7 +116,7 @@ def _test_result(run: Path) -> dict | None:
     return results[-1][1]
 
 
-def summarize(run: Path, target: float | None = None) -> RunSummary:
+def summarize(run: Path, target: float | None = None, at: list[float] = ()) -> RunSummary:
     run = Path(run)
     records = read_log(run / "log.jsonl")
     start = next((r for r in records if r["event"] == "start"), {})
@@ -120,6 +148,7 @@ def summarize(run: Path, target: float | None = None) -> RunSummary:
         decode_sent_per_s=test["sentences_per_s"] if test and test.get("beam") == 5 else None,
         tokenizer_sha256=file_sha256(spm) if spm.is_file() else "",
         test_set=(test.get("ref_sha256") or Path(test["ref"]).name) if test else "",
+        bleu_at={f"{m:g}": bleu_at(records, m) for m in at},
     )
 
 
@@ -146,18 +175,24 @@ def check_comparable(rows: list[RunSummary]) -> None:
                            "--allow-mixed")
 
 
-COLUMNS = [f.name for f in fields(RunSummary)]
+def _flat(row: RunSummary) -> dict:
+    """The row as one level of named values: bleu_at becomes valid_bleu_at_<m>min columns."""
+    values = asdict(row)
+    for minutes, score in values.pop("bleu_at").items():
+        values[f"valid_bleu_at_{minutes}min"] = score
+    return values
 
 
 def render(rows: list[RunSummary], fmt: str) -> str:
     if fmt == "json":
-        return json.dumps([asdict(r) for r in rows], indent=1)
+        return json.dumps([_flat(r) for r in rows], indent=1)
     if fmt == "csv":
+        flat = [_flat(r) for r in rows]
         out = io.StringIO()
-        writer = csv.DictWriter(out, fieldnames=COLUMNS, lineterminator="\n")
+        writer = csv.DictWriter(out, fieldnames=list(flat[0]) if flat else [], lineterminator="\n")
         writer.writeheader()
-        for r in rows:
-            writer.writerow({k: ("" if v is None else v) for k, v in asdict(r).items()})
+        for values in flat:
+            writer.writerow({k: ("" if v is None else v) for k, v in values.items()})
         return out.getvalue()
     if fmt == "md":
         return _markdown(rows)
@@ -179,6 +214,13 @@ def _markdown(rows: list[RunSummary]) -> str:
                  num(r.best_valid_bleu, ".2f"), num(r.test_bleu, ".2f"), num(r.test_chrf, ".2f"),
                  num(r.time_to_target_minutes, ".1f"), num(r.decode_sent_per_s, ".1f")]
         lines.append("| " + " | ".join(cells) + " |")
+    marks = list(rows[0].bleu_at) if rows else []
+    if marks:
+        lines += ["", "Best valid BLEU by training time:", "",
+                  "| run | model | " + " | ".join(f"{m} min" for m in marks) + " |",
+                  "|---|---|" + "---|" * len(marks)]
+        for r in rows:
+            lines.append(f"| {r.run} | {r.model} | " + " | ".join(num(r.bleu_at[m], ".2f") for m in marks) + " |")
     signatures = sorted({r.test_signature for r in rows if r.test_signature})
     if signatures:
         lines.append("")

@@ -51,13 +51,29 @@ def test_time_to_target_and_training_time_without_validation(tmp_path: Path) -> 
     assert report.summarize(make_run(tmp_path, "b"), target=28.0).time_to_target_minutes is None
 
 
+def test_bleu_at_equal_training_times(tmp_path: Path) -> None:
+    row = report.summarize(make_run(tmp_path, "a"), at=[4, 5, 12, 15, 30])
+    # Nothing validated by 4 min; the best so far at 5, 12 and 15; the run never reached 30.
+    assert row.bleu_at == {"4": None, "5": 10.0, "12": 22.0, "15": 27.0, "30": None}
+    text = report.render([row], "md")
+    assert "| a | transformer | – | 10.00 | 22.00 | 27.00 | – |" in text
+
+
 def test_csv_and_json_parse_back_to_the_same_numbers(tmp_path: Path) -> None:
-    rows = [report.summarize(make_run(tmp_path, "a"), 20.0), report.summarize(make_run(tmp_path, "g", "gnmt"), 20.0)]
+    rows = [report.summarize(make_run(tmp_path, "a"), 20.0, [10]),
+            report.summarize(make_run(tmp_path, "g", "gnmt"), 20.0, [10])]
     parsed = json.loads(report.render(rows, "json"))
     assert [r["test_bleu"] for r in parsed] == [30.5, 30.5] and parsed[1]["model"] == "gnmt"
+    assert parsed[0]["valid_bleu_at_10min"] == 22.0
     table = list(csv.DictReader(io.StringIO(report.render(rows, "csv"))))
     assert float(table[0]["time_to_target_minutes"]) == rows[0].time_to_target_minutes
     assert float(table[1]["train_minutes"]) == rows[1].train_minutes
+    assert float(table[1]["valid_bleu_at_10min"]) == 22.0
+
+
+def test_bad_minutes_for_at_is_one_line(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["report", str(make_run(tmp_path, "a")), "--at", "10,soon"])
+    assert result.exit_code != 0 and "--at 10,soon" in result.stderr and "Traceback" not in result.output
 
 
 def test_unfinished_run_is_reported_as_such(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ BUDGET=${BUDGET:-80}
 OUT=${OUT:-runs/compare}
 DATA=${NMT_DATA:-$HOME/.cache/nmt/data}/multi30k
 TARGET=${TARGET:-30}
+AT=${AT:-10,20,40,80}  # training minutes at which the report reads each model's BLEU
 
 nmt data multi30k >/dev/null
 # Validating every 200 updates draws the BLEU-against-time curves finely enough to read off
@@ -31,7 +32,7 @@ for model in transformer gnmt; do
         --text "A man in an orange hat starring at something."
 done
 
-nmt report "$OUT/transformer" "$OUT/gnmt" --target "$TARGET" --plot "$OUT/bleu-vs-time.png" --speed \
+nmt report "$OUT/transformer" "$OUT/gnmt" --target "$TARGET" --at "$AT" --plot "$OUT/bleu-vs-time.png" --speed \
     | tee "$OUT/report.md"
-nmt report "$OUT/transformer" "$OUT/gnmt" --target "$TARGET" --format csv > "$OUT/report.csv"
+nmt report "$OUT/transformer" "$OUT/gnmt" --target "$TARGET" --at "$AT" --format csv > "$OUT/report.csv"
 echo "report: $OUT/report.md, $OUT/report.csv, $OUT/bleu-vs-time.png" >&2
