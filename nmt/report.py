@@ -11,7 +11,7 @@ import csv
 import io
 import json
 import statistics
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from nmt.errors import NmtError
