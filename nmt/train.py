@@ -384,8 +384,7 @@ class Trainer:
             if _main_thread() else {}
         bar = tqdm(total=tc.max_steps or None, initial=st.step, disable=not self.progress_bar,
                    file=sys.stderr, dynamic_ncols=True, unit="step")
-        zero = torch.zeros((), device=self.device)
-        window = {"loss": zero, "nll": zero, "tokens": 0, "seconds": 0.0, "steps": 0}
+        window = self._new_window()
         validated_at = st.step
         try:
             while True:
@@ -462,8 +461,12 @@ class Trainer:
                 left = max(self.cfg.train.max_minutes * 60 - st.train_seconds, 0)
                 postfix["eta"] = f"{int(left // 60)}:{int(left % 60):02d}"
             bar.set_postfix(postfix, refresh=False)
-        window.update(loss=torch.zeros((), device=self.device), nll=torch.zeros((), device=self.device),
-                      tokens=0, seconds=0.0, steps=0)
+        window.update(self._new_window())
+
+    def _new_window(self) -> dict:
+        """Sums over one log window; the losses stay on the device until the window is read."""
+        zero = torch.zeros((), device=self.device)
+        return {"loss": zero, "nll": zero, "tokens": 0, "seconds": 0.0, "steps": 0}
 
 
 class _Interrupted(Exception):
