@@ -10,6 +10,7 @@ belongs to another kind is refused rather than ignored.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ import yaml
 
 from nmt.download import data_root
 from nmt.errors import NmtError
+
+log = logging.getLogger("nmt")
 
 
 @dataclass
@@ -206,10 +209,10 @@ def from_dict(raw: dict) -> Config:
         cfg.name = _check_value("name", raw["name"], str)
     for section, cls in SECTIONS.items():
         if section in raw:
-            setattr(cfg, section, _build(cls, raw[section] or {}, section))
-    model = dict(raw.get("model") or {})
+            setattr(cfg, section, _build(cls, _section(raw, section), section))
+    model = dict(_section(raw, "model"))
     kind = model.get("kind", "transformer")
-    if kind not in MODEL_CONFIGS:
+    if not isinstance(kind, str) or kind not in MODEL_CONFIGS:
         raise NmtError(f"recipe key model.kind: unknown model {kind!r}; "
                        f"valid: {', '.join(MODEL_CONFIGS)}")
     for key in model:
@@ -223,20 +226,97 @@ def from_dict(raw: dict) -> Config:
     return cfg
 
 
+def _section(raw: dict, name: str) -> dict:
+    """A section's mapping; an empty section (``train:``) means the defaults."""
+    values = raw.get(name)
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise NmtError(f"recipe section {name}: expected a mapping of keys, got {values!r}; "
+                       f"write it as {name}: followed by indented key: value lines")
+    return values
+
+
+# A check: (key, its value, whether the value is valid, the valid range in words).
+Check = tuple[str, Any, bool, str]
+
+
 def _validate(cfg: Config) -> None:
-    checks = [
-        (cfg.tokenizer.vocab_size >= 300, "tokenizer.vocab_size must be at least 300 "
-         "(256 byte pieces and the specials are part of it)"),
-        (cfg.tokenizer.model_type in ("unigram", "bpe"), "tokenizer.model_type must be unigram or bpe"),
-        (cfg.train.max_tokens > 0, "train.max_tokens must be positive"),
-        (cfg.train.update_freq >= 1, "train.update_freq must be at least 1"),
-        (cfg.train.precision in ("fp32", "bf16", "fp16"), "train.precision must be fp32, bf16 or fp16"),
-        (cfg.search.beam >= 1, "search.beam must be at least 1"),
-        (1 <= cfg.search.n_best <= cfg.search.beam, "search.n_best must be between 1 and search.beam"),
-    ]
-    for ok, message in checks:
+    """Refuse values of the right type that would fail later (mid-training, or silently)."""
+    for key, value, ok, valid in [*_data_checks(cfg), *_model_checks(cfg.model), *_train_checks(cfg.train),
+                                  *_search_checks(cfg.search)]:
         if not ok:
-            raise NmtError(message)
+            raise NmtError(f"recipe key {key}: {value!r} is out of range; {valid}")
+
+
+def _data_checks(cfg: Config) -> list[Check]:
+    # Training pairs are cut at max_len subwords plus EOS or BOS, which must fit the positions table.
+    top = cfg.model.max_positions - 1
+    return [
+        ("data.max_len", cfg.data.max_len, 1 <= cfg.data.max_len <= top,
+         f"must be between 1 and model.max_positions - 1 = {top}"),
+        ("tokenizer.vocab_size", cfg.tokenizer.vocab_size, cfg.tokenizer.vocab_size >= 300,
+         "must be at least 300 (256 byte pieces and the specials are part of it)"),
+        ("tokenizer.model_type", cfg.tokenizer.model_type, cfg.tokenizer.model_type in ("unigram", "bpe"),
+         "must be unigram or bpe"),
+    ]
+
+
+def _model_checks(m: Any) -> list[Check]:
+    checks = [("model.max_positions", m.max_positions, m.max_positions >= 2, "must be at least 2"),
+              ("model.dropout", m.dropout, 0 <= m.dropout < 1, "must be in [0, 1)"),
+              ("model.decoder_layers", m.decoder_layers, m.decoder_layers >= 1, "must be at least 1")]
+    if m.kind == "gnmt":
+        return checks + [
+            # The first encoder layer is the bidirectional one; the next brings its 2*hidden
+            # outputs back to hidden, the size the attention expects.
+            ("model.encoder_layers", m.encoder_layers, m.encoder_layers >= 2,
+             "must be at least 2 for gnmt (a bidirectional layer, then unidirectional ones)"),
+            ("model.hidden", m.hidden, m.hidden >= 1, "must be at least 1"),
+            ("model.embed_dim", m.embed_dim, m.embed_dim >= 1, "must be at least 1"),
+        ]
+    return checks + [
+        ("model.encoder_layers", m.encoder_layers, m.encoder_layers >= 1, "must be at least 1"),
+        ("model.heads", m.heads, m.heads >= 1, "must be at least 1"),
+        ("model.d_model", m.d_model, m.d_model >= 1 and m.d_model % max(m.heads, 1) == 0,
+         f"must be a positive multiple of model.heads = {m.heads}"),
+        ("model.ffn", m.ffn, m.ffn >= 1, "must be at least 1"),
+        ("model.attention_dropout", m.attention_dropout, 0 <= m.attention_dropout < 1, "must be in [0, 1)"),
+        ("model.activation_dropout", m.activation_dropout, 0 <= m.activation_dropout < 1, "must be in [0, 1)"),
+    ]
+
+
+def _train_checks(t: TrainConfig) -> list[Check]:
+    at_least = [("max_tokens", 1), ("update_freq", 1), ("valid_beam", 1), ("log_every", 1),
+                ("warmup_steps", 0), ("max_steps", 0), ("max_epochs", 0), ("max_minutes", 0),
+                ("valid_every", 0), ("patience", 0), ("keep_last", 0), ("average_last", 0), ("threads", 0),
+                ("clip_norm", 0), ("weight_decay", 0)]
+    checks = [(f"train.{k}", getattr(t, k), getattr(t, k) >= low, f"must be at least {low}") for k, low in at_least]
+    return checks + [
+        ("train.lr", t.lr, t.lr > 0, "must be positive"),
+        ("train.label_smoothing", t.label_smoothing, 0 <= t.label_smoothing < 1, "must be in [0, 1)"),
+        ("train.adam_betas", t.adam_betas, len(t.adam_betas) == 2 and all(0 <= b < 1 for b in t.adam_betas),
+         "must be two numbers in [0, 1)"),
+        ("train.adam_eps", t.adam_eps, t.adam_eps > 0, "must be positive"),
+        ("train.dist_timeout_minutes", t.dist_timeout_minutes, t.dist_timeout_minutes > 0, "must be positive"),
+        ("train.precision", t.precision, t.precision in ("fp32", "bf16", "fp16"), "must be fp32, bf16 or fp16"),
+        # Averaging reads the step checkpoints kept on disk; asking for more would silently average fewer.
+        ("train.average_last", t.average_last, t.average_last <= t.keep_last,
+         f"must be at most train.keep_last = {t.keep_last} (the step checkpoints kept to average)"),
+    ]
+
+
+def _search_checks(s: SearchConfig) -> list[Check]:
+    return [
+        ("search.beam", s.beam, s.beam >= 1, "must be at least 1 (1 is greedy search)"),
+        ("search.n_best", s.n_best, 1 <= s.n_best <= s.beam, f"must be between 1 and search.beam = {s.beam}"),
+        ("search.length_penalty", s.length_penalty, s.length_penalty >= 0, "must be at least 0"),
+        ("search.coverage_penalty", s.coverage_penalty, s.coverage_penalty >= 0, "must be at least 0"),
+        ("search.max_len_a", s.max_len_a, s.max_len_a >= 0, "must be at least 0"),
+        ("search.max_len_b", s.max_len_b, s.max_len_b >= 0, "must be at least 0"),
+        ("search.max_tokens", s.max_tokens, s.max_tokens >= 1, "must be at least 1"),
+        ("search.max_sentences", s.max_sentences, s.max_sentences >= 1, "must be at least 1"),
+    ]
 
 
 def to_dict(cfg: Config) -> dict:
@@ -287,7 +367,10 @@ def _yaml_load(path: Path) -> dict:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""
         raise NmtError(f"{path}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
-    return _float_strings(raw or {})
+    if raw is None:  # training every default for hours is never what an empty file meant
+        raise NmtError(f"{path}: empty recipe; give at least the data and model sections "
+                       "(see recipes/multi30k/quick.yaml)")
+    return _float_strings(raw)
 
 
 def _float_strings(node: Any) -> Any:
@@ -304,9 +387,13 @@ def _float_strings(node: Any) -> Any:
 def load_recipe(path: Path, overrides: list[str] | None = None) -> Config:
     raw = apply_overrides(_yaml_load(Path(path)), overrides or [])
     try:
-        return from_dict(raw)
+        cfg = from_dict(raw)
     except NmtError as e:
         raise NmtError(f"{path}: {e}") from None
+    defaulted = [s for s in ("data", "tokenizer", "model", "train", "search") if not raw.get(s)]
+    if defaulted:  # say so before hours of training on values nobody wrote down
+        log.info("%s: no %s section; the defaults of nmt/config.py apply", path, ", ".join(defaulted))
+    return cfg
 
 
 def save(cfg: Config, path: Path) -> None:
