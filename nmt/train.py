@@ -116,19 +116,36 @@ class JsonLog:
     def __init__(self, path: Path, enabled: bool = True):
         self.path = path
         self.enabled = enabled
+        self._dropped_end: str | None = None
 
     def truncate_after(self, step: int) -> None:
-        """Drop records written after the checkpoint a run resumes from."""
+        """Drop records written after the checkpoint a run resumes from, and any ``end`` record.
+
+        A resumed run is running again: an old ``end`` left in place would have it reported
+        finished even if it then crashed; the run writes a new ``end`` when it stops.
+        """
         if not self.enabled or not self.path.exists():
             return
         kept = []
         for line in self.path.read_text(encoding="utf-8").splitlines():
             try:
-                if json.loads(line).get("step", 0) <= step:
-                    kept.append(line)
+                record = json.loads(line)
             except json.JSONDecodeError:
                 continue
+            if not isinstance(record, dict) or record.get("step", 0) > step:
+                continue
+            if record.get("event") == "end":
+                self._dropped_end = line
+            else:
+                kept.append(line)
         self.path.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+
+    def restore_end(self) -> None:
+        """Put back the ``end`` record dropped on resuming, for a run that had nothing left to train."""
+        if self.enabled and self._dropped_end is not None:
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(self._dropped_end + "\n")
+            self._dropped_end = None
 
     def write(self, **record) -> None:
         if self.enabled:
@@ -370,6 +387,7 @@ class Trainer:
         reason = self._limits_reached()
         if reason:
             log.info("%s: already finished (%s); raise the limit to train further", self.run_dir, reason)
+            self.log.restore_end()
             return st
         if st.step == 0:
             self.log.write(event="start", params=count_parameters(self.model), device=str(self.device),

@@ -129,3 +129,27 @@ def test_attention_plot_for_both_model_kinds(trained_run: Path, tmp_path: Path) 
     result = runner.invoke(app, ["attention", "-m", str(trained_run), "--text", "red dog runs", "-o", str(out)])
     assert result.exit_code == 0, result.output
     assert "Hund" in result.stdout and out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_resumed_run_is_not_reported_finished(tmp_path: Path) -> None:
+    from nmt.train import JsonLog
+
+    run = make_run(tmp_path, "a")
+    assert report.summarize(run).status == "finished"
+    JsonLog(run / "log.jsonl").truncate_after(300)  # what resuming from last.pt at step 300 does
+    assert report.summarize(run).status == "unfinished"  # until the resumed run writes its own end
+    assert runner.invoke(app, ["report", str(run)]).stdout.count("a (unfinished)") == 1
+
+
+def test_rerunning_a_finished_run_keeps_it_finished(trained_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from nmt import config
+    from nmt.train import train
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    train(config.load_recipe(run / "config.yaml"), run, progress_bar=False)  # nothing left to train
+    records = report.read_log(run / "log.jsonl")
+    assert [r["event"] for r in records].count("end") == 1 and records[-1]["event"] == "end"
+    assert report.summarize(run).status == "finished"
