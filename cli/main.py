@@ -84,6 +84,8 @@ def train(
     from nmt import config, distributed
     from nmt.train import train as run_training
 
+    if nproc < 1:
+        raise NmtError(f"--nproc {nproc}: give at least 1 process (one per GPU, or CPU ranks)")
     if nproc > 1 and not distributed.launched():
         distributed.run_torchrun(nproc, _argv_without("--nproc"))
         return
@@ -116,12 +118,22 @@ def _argv_without(option: str) -> list[str]:
 
 # --- translate ------------------------------------------------------------------------------
 
-def _read_input(path: Optional[Path]) -> tuple[list[str], str]:
-    from nmt.data import decode_lines, read_lines
+def _read_input(path: Optional[Path], on_bad_line: str = "error") -> tuple[list[str], str]:
+    from nmt.data import InvalidUtf8, decode_lines, read_lines
 
-    if path is None or str(path) == "-":
-        return decode_lines(sys.stdin.buffer.read(), "<stdin>"), "<stdin>"
-    return read_lines(path), str(path)
+    try:
+        if path is None or str(path) == "-":
+            return decode_lines(sys.stdin.buffer.read(), "<stdin>", on_bad_line), "<stdin>"
+        return read_lines(path, on_bad_line), str(path)
+    except InvalidUtf8 as e:
+        raise NmtError(f"{e}; or translate the other lines with --on-bad-line replace|skip-empty") from None
+
+
+def _check_counts(**options: Optional[int]) -> None:
+    """Refuse a count option below 1 before loading a model: ``--beam 0`` and the like."""
+    for name, value in options.items():
+        if value is not None and value < 1:
+            raise NmtError(f"--{name.replace('_', '-')} {value}: must be at least 1")
 
 
 def _search_config(cfg, beam, n_best, length_penalty, coverage_penalty, max_sentences):
@@ -133,8 +145,12 @@ def _search_config(cfg, beam, n_best, length_penalty, coverage_penalty, max_sent
         if value is not None:
             values[key] = value
     search = SearchConfig(**values)
-    if search.beam < 1 or not 1 <= search.n_best <= search.beam:
-        raise NmtError(f"--n-best {search.n_best} must be between 1 and --beam {search.beam}")
+    if search.beam < 1:
+        raise NmtError(f"--beam {search.beam}: the beam size must be at least 1 (1 is greedy search)")
+    if not 1 <= search.n_best <= search.beam:
+        whose = "--beam" if beam is not None else "the recipe's search.beam"
+        raise NmtError(f"--n-best {search.n_best} is more than the beam ({whose} {search.beam}): beam search "
+                       f"keeps at most beam hypotheses; raise --beam or lower --n-best")
     return search
 
 
@@ -155,15 +171,24 @@ def translate(
     length_penalty: Annotated[Optional[float], typer.Option(help="GNMT length penalty alpha.")] = None,
     coverage_penalty: Annotated[Optional[float], typer.Option(help="GNMT coverage penalty beta.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Most sentences per batch.")] = None,
+    int8: Annotated[Optional[bool], typer.Option(
+        "--int8/--no-int8", help="Decode with an int8 copy of the model, CPU only (default: the recipe's).")] = None,
+    on_bad_line: Annotated[str, typer.Option(
+        help="A line that is not UTF-8: error (stop), replace (bad bytes by U+FFFD) or skip-empty "
+             "(an empty line out); the last two warn with the line number.")] = "error",
 ):
     """Translate lines from stdin (or --input) to stdout: N lines in, N lines out, in order."""
     from nmt.checkpoint import load_run
+    from nmt.data import ON_BAD_LINE
     from nmt.train import pick_device
     from nmt.translate import translate as run_translate
 
-    cfg, tokenizer, net = load_run(model, checkpoint, pick_device())
+    _check_counts(beam=beam, n_best=n_best, batch_size=batch_size)
+    if on_bad_line not in ON_BAD_LINE:
+        raise NmtError(f"--on-bad-line {on_bad_line}: choose one of {', '.join(ON_BAD_LINE)}")
+    cfg, tokenizer, net = load_run(model, checkpoint, pick_device(), int8)
     search = _search_config(cfg, beam, n_best, length_penalty, coverage_penalty, batch_size)
-    lines, name = _read_input(input)
+    lines, name = _read_input(input, on_bad_line)
     with _progress(len(lines), sys.stderr.isatty()) as bar:
         results = run_translate(net, tokenizer, lines, search, on_batch=bar.update, source_name=name)
     out_lines = []
@@ -183,11 +208,12 @@ def translate(
 
 # --- eval -----------------------------------------------------------------------------------
 
-def _evaluate_model(run_dir: Path, src: Path, ref: Path, checkpoint: str, beam: Optional[int]) -> dict:
+def _evaluate_model(run_dir: Path, src: Path, ref: Path, checkpoint: str, beam: Optional[int],
+                    int8: Optional[bool] = None) -> dict:
     from nmt.evaluate import evaluate_run
     from nmt.train import pick_device
 
-    return evaluate_run(run_dir, src, ref, checkpoint, beam, pick_device())
+    return evaluate_run(run_dir, src, ref, checkpoint, beam, pick_device(), int8)
 
 
 @app.command("eval")
@@ -204,6 +230,8 @@ def eval_(
     src: Annotated[Optional[Path], typer.Option(help="Source text to translate with --model.")] = None,
     checkpoint: Annotated[str, typer.Option(help="With --model: best, last, averaged or a path.")] = "best",
     beam: Annotated[Optional[int], typer.Option(help="With --model: beam size.")] = None,
+    int8: Annotated[Optional[bool], typer.Option(
+        "--int8/--no-int8", help="With --model: decode with an int8 copy, CPU only (default: the recipe's).")] = None,
 ):
     """Score translations with sacreBLEU, or translate and score in one go with --model."""
     from nmt.data import read_lines
@@ -214,7 +242,7 @@ def eval_(
     if model is not None:
         if src is None:
             raise NmtError("--model needs --src, the source text to translate")
-        result = _evaluate_model(model, src, ref, checkpoint, beam)
+        result = _evaluate_model(model, src, ref, checkpoint, beam, int8)
         typer.echo(result["BLEU"]["line"])
         typer.echo(result["chrF2"]["line"])
         typer.echo(f"decoded {result['sentences']} sentences in {result['decode_seconds']:.1f} s "

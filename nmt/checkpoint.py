@@ -3,11 +3,13 @@
 A checkpoint holds the resolved config, the model kind, the SHA-256 of the run's
 SentencePiece model, the training position and (for resuming) optimizer, scheduler,
 RNG and data-order state. It is written to a temporary file in the same directory and
-renamed over the old one, so a crash mid-write never leaves a half-written ``last.pt``.
+renamed over the old one, so a crash mid-write never leaves a half-written ``last.pt``;
+the directory is then synced, so that a power cut cannot undo the rename.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import tempfile
@@ -36,6 +38,25 @@ def save(state: dict[str, Any], path: Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable: without this a power cut can undo it.
+
+    Where directories cannot be opened or synced (Windows, some network file systems),
+    the rename is as durable as the OS makes it.
+    """
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def load(path: Path, tokenizer_sha256: str | None = None) -> dict[str, Any]:
@@ -81,6 +102,17 @@ def average(paths: list[Path]) -> dict[str, Any]:
     return out
 
 
+def fingerprint(path: Path) -> dict[str, Any]:
+    """The training step and SHA-256 of a checkpoint file: which weights produced a result."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    # mmap: only the small header entries are read, not the parameters.
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return {"step": state.get("step"), "sha256": digest.hexdigest()}
+
+
 def resolve(run_dir: Path, which: str = "best") -> Path:
     """``best``, ``last``, ``averaged`` (files of the run) or a path to a checkpoint file."""
     if which in ("best", "last", "averaged"):
@@ -88,8 +120,13 @@ def resolve(run_dir: Path, which: str = "best") -> Path:
     return Path(which)
 
 
-def load_run(run_dir: Path, which: str = "best", device: str | torch.device = "cpu"):
-    """(config, tokenizer, model in eval mode) of a run directory."""
+def load_run(run_dir: Path, which: str = "best", device: str | torch.device = "cpu",
+             int8: bool | None = None):
+    """(config, tokenizer, model in eval mode) of a run directory.
+
+    ``int8``: decode with an int8 copy of the model (CPU only); None follows the config's
+    ``search.int8`` where it can run, on the CPU. The returned ``cfg.search.int8`` says which.
+    """
     from nmt import config
     from nmt.models import MODELS, build_model
     from nmt.tokenizer import MODEL_FILE, Tokenizer
@@ -113,4 +150,11 @@ def load_run(run_dir: Path, which: str = "best", device: str | torch.device = "c
     except (RuntimeError, KeyError) as e:
         raise NmtError(f"{path}: parameters do not fit a {cfg.model.kind} model of this config "
                        f"({str(e).splitlines()[0][:100]}); the checkpoint may be from another run") from None
+    if int8 is None:
+        int8 = cfg.search.int8 and torch.device(device).type == "cpu"
+    cfg.search.int8 = int8
+    if int8:
+        from nmt.quantize import quantize_int8
+
+        model = quantize_int8(model, device)
     return cfg, tokenizer, model.to(device).eval()

@@ -12,7 +12,16 @@ from nmt.tokenizer import Tokenizer
 log = logging.getLogger("nmt")
 
 
-def read_lines(path: Path) -> list[str]:
+# What to do with a line that is not valid UTF-8: stop (the default), replace the bad bytes
+# with U+FFFD, or read the line as empty. The last two warn with the line's number.
+ON_BAD_LINE = ("error", "replace", "skip-empty")
+
+
+class InvalidUtf8(NmtError):
+    """Input that is not UTF-8, raised with ``on_bad_line="error"``."""
+
+
+def read_lines(path: Path, on_bad_line: str = "error") -> list[str]:
     """All lines of a UTF-8 file, without line ends; an invalid byte is an error naming the line."""
     path = Path(path)
     try:
@@ -22,23 +31,48 @@ def read_lines(path: Path) -> list[str]:
                        "or set NMT_DATA (nmt data multi30k downloads Multi30k)") from None
     except IsADirectoryError:
         raise NmtError(f"{path}: is a directory, expected a text file") from None
-    return decode_lines(data, str(path))
+    return decode_lines(data, str(path), on_bad_line)
 
 
-def decode_lines(data: bytes, name: str) -> list[str]:
-    """Split UTF-8 bytes into lines; ``name`` is what an error calls the input."""
+def decode_lines(data: bytes, name: str, on_bad_line: str = "error") -> list[str]:
+    """Split UTF-8 bytes into lines; ``name`` is what an error or warning calls the input.
+
+    ``on_bad_line`` (one of ``ON_BAD_LINE``) says what becomes of a line that is not UTF-8;
+    whatever it is, N lines in give N lines out.
+    """
+    if on_bad_line not in ON_BAD_LINE:
+        raise NmtError(f"--on-bad-line {on_bad_line}: choose one of {', '.join(ON_BAD_LINE)}")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise NmtError(f"{name}:{line}: invalid UTF-8 ({e.reason}, byte 0x{data[e.start]:02x}); "
-                       "convert the input to UTF-8, e.g. iconv -f latin1 -t utf-8") from None
+        if on_bad_line == "error":
+            line = data.count(b"\n", 0, e.start) + 1
+            raise InvalidUtf8(f"{name}:{line}: {_describe(e)}; convert the input to UTF-8, "
+                              "e.g. iconv -f latin1 -t utf-8") from None
+        text = "\n".join(_decode_line(raw, f"{name}:{n}", on_bad_line)
+                         for n, raw in enumerate(data.split(b"\n"), 1))
     if text.startswith("\ufeff"):
         text = text[1:]
     lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()
     return [line.rstrip("\r") for line in lines]
+
+
+def _describe(e: UnicodeDecodeError) -> str:
+    return f"invalid UTF-8 ({e.reason}, byte 0x{e.object[e.start]:02x})"
+
+
+def _decode_line(raw: bytes, where: str, on_bad_line: str) -> str:
+    """One line's text; a line that is not UTF-8 is repaired or emptied, with a warning."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if on_bad_line == "replace":
+            log.warning("%s: %s; bad bytes replaced with U+FFFD", where, _describe(e))
+            return raw.decode("utf-8", errors="replace")
+        log.warning("%s: %s; read as an empty line", where, _describe(e))
+        return ""
 
 
 def read_parallel(src_path: Path, tgt_path: Path) -> tuple[list[str], list[str]]:

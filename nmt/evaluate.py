@@ -40,6 +40,8 @@ def _check(hyps: list[str], refs: list[str], hyp_name: str, ref_name: str) -> No
     if len(hyps) != len(refs):
         raise NmtError(f"{hyp_name} has {len(hyps)} lines but {ref_name} has {len(refs)}; "
                        "hypotheses and references must be line-aligned")
+    if not refs:  # sacreBLEU has no score for an empty corpus (as its command line says)
+        raise NmtError(f"{hyp_name} and {ref_name} have no lines: there is nothing to score")
 
 
 def bleu(hyps: list[str], refs: list[str], hyp_name: str = "hypotheses",
@@ -67,29 +69,36 @@ def report(scores: list[Score], as_json: bool, width: int = 1) -> str:
 
 
 def evaluate_run(run_dir: Path, src: Path, ref: Path, checkpoint: str = "best", beam: int | None = None,
-                 device: str = "cpu") -> dict:
-    """Translate ``src`` with a run's model, score against ``ref``, save both in ``run_dir/eval``."""
-    from nmt.checkpoint import load_run
+                 device: str = "cpu", int8: bool | None = None) -> dict:
+    """Translate ``src`` with a run's model, score against ``ref``, save both in ``run_dir/eval``.
+
+    ``int8``: decode with the int8 model (None: the run's ``search.int8``), see ``load_run``.
+    """
+    from nmt.checkpoint import fingerprint, load_run, resolve
     from nmt.config import SearchConfig
     from nmt.data import read_parallel
     from nmt.tokenizer import file_sha256
     from nmt.translate import translate_text
 
-    cfg, tokenizer, net = load_run(run_dir, checkpoint, device)
-    search = SearchConfig(**{**vars(cfg.search), "n_best": 1, **({"beam": beam} if beam else {})})
+    if beam is not None and beam < 1:
+        raise NmtError(f"--beam {beam}: the beam size must be at least 1 (1 is greedy search)")
+    cfg, tokenizer, net = load_run(run_dir, checkpoint, device, int8)
+    used = fingerprint(resolve(run_dir, checkpoint))  # which weights, should best.pt change later
+    search = SearchConfig(**{**vars(cfg.search), "n_best": 1, **({"beam": beam} if beam is not None else {})})
     lines, refs = read_parallel(src, ref)
     start = time.perf_counter()
     hyps = translate_text(net, tokenizer, lines, search)
     seconds = time.perf_counter() - start
     scores = [bleu(hyps, refs, "translations", str(ref)), chrf(hyps, refs, "translations", str(ref))]
     result = {s.metric: {"score": s.score, "signature": s.signature, "line": s.line()} for s in scores}
-    result.update(src=str(src), ref=str(ref), ref_sha256=file_sha256(ref), checkpoint=checkpoint,
-                  beam=search.beam, sentences=len(lines), decode_seconds=seconds,
+    result.update(src=str(src), src_sha256=file_sha256(src), ref=str(ref), ref_sha256=file_sha256(ref),
+                  checkpoint=checkpoint, checkpoint_step=used["step"], checkpoint_sha256=used["sha256"],
+                  beam=search.beam, int8=cfg.search.int8, sentences=len(lines), decode_seconds=seconds,
                   sentences_per_s=len(lines) / max(seconds, 1e-9))
     out_dir = Path(run_dir) / "eval"
     out_dir.mkdir(exist_ok=True)
     tag = checkpoint if checkpoint in ("best", "last", "averaged") else "ckpt"
-    stem = f"{Path(src).name}.{tag}.beam{search.beam}"
+    stem = f"{Path(src).name}.{tag}.beam{search.beam}{'.int8' if cfg.search.int8 else ''}"
     (out_dir / f"{stem}.hyp").write_text("".join(f"{h}\n" for h in hyps), encoding="utf-8")
     (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
     return result

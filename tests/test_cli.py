@@ -90,6 +90,42 @@ def test_invalid_utf8_on_stdin(trained_run: Path) -> None:
     assert "<stdin>:2: invalid UTF-8" in line
 
 
+def test_invalid_utf8_error_names_the_way_to_go_on(trained_run: Path) -> None:
+    line = one_error_line(run("translate", "--model", str(trained_run), input=b"ok\n\xff bad\n"))
+    assert "--on-bad-line replace|skip-empty" in line
+
+
+@pytest.mark.parametrize("policy", ["replace", "skip-empty"])
+def test_on_bad_line_keeps_n_lines_in_n_lines_out(trained_run: Path, policy: str) -> None:
+    text = b"one red dog\ncaf\xe9 dog\n\xff\xfe\nbig house\n"
+    result = run("translate", "--model", str(trained_run), "--on-bad-line", policy, input=text)
+    assert result.exit_code == 0, result.output
+    out = result.stdout.split("\n")[:-1]
+    assert len(out) == 4 and "Hund" in out[0] and "Haus" in out[3]
+    warnings = [line for line in result.stderr.splitlines() if "invalid UTF-8" in line]
+    assert len(warnings) == 2 and "<stdin>:2:" in warnings[0] and "<stdin>:3:" in warnings[1]
+    if policy == "skip-empty":
+        assert out[1] == "" and out[2] == ""
+    else:
+        assert "Hund" in out[1]  # the rest of the line is still translated
+
+
+def test_unknown_on_bad_line_policy(trained_run: Path) -> None:
+    line = one_error_line(run("translate", "--model", str(trained_run), "--on-bad-line", "drop", input="x\n"))
+    assert "--on-bad-line drop: choose one of error, replace, skip-empty" in line
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--beam", "0"], "--beam 0: must be at least 1"),
+    (["--batch-size", "0"], "--batch-size 0: must be at least 1"),
+    (["--n-best", "0"], "--n-best 0: must be at least 1"),
+    (["--beam", "2", "--n-best", "3"], "--n-best 3 is more than the beam (--beam 2)"),
+    (["--n-best", "4"], "--n-best 4 is more than the beam (the recipe's search.beam 3)"),
+])
+def test_bad_search_options_are_one_line(trained_run: Path, args: list[str], expected: str) -> None:
+    assert expected in one_error_line(run("translate", "--model", str(trained_run), *args, input="red dog\n"))
+
+
 def test_not_a_run_directory(tmp_path: Path) -> None:
     assert "not a run directory" in one_error_line(run("translate", "--model", str(tmp_path), input="x\n"))
 
@@ -133,6 +169,19 @@ def test_eval_mismatched_lines(hyp_ref, tmp_path: Path) -> None:
     assert "short has 1 lines" in line and "ref has 40" in line
 
 
+def test_eval_of_two_empty_files_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "hyp").write_bytes(b"")
+    (tmp_path / "ref").write_bytes(b"")
+    line = one_error_line(run("eval", "--bleu", "--hyp", str(tmp_path / "hyp"), "--ref", str(tmp_path / "ref")))
+    assert "have no lines: there is nothing to score" in line
+
+
+def test_eval_model_with_beam_0_is_one_line(trained_run: Path, corpus: Path) -> None:
+    line = one_error_line(run("eval", "--model", str(trained_run), "--src", str(corpus / "test.en"),
+                              "--ref", str(corpus / "test.de"), "--beam", "0"))
+    assert "--beam 0: the beam size must be at least 1" in line
+
+
 def test_eval_model_saves_result(trained_run: Path, corpus: Path) -> None:
     result = run("eval", "--model", str(trained_run), "--src", str(corpus / "test.en"),
                  "--ref", str(corpus / "test.de"), "--beam", "2")
@@ -149,6 +198,27 @@ def test_train_unknown_key_is_one_line(tmp_path: Path, corpus: Path) -> None:
     recipe.write_text(yaml.safe_dump(tiny_recipe(corpus)), encoding="utf-8")
     line = one_error_line(run("train", str(recipe), "--set", "train.speed=3"))
     assert "unknown recipe key train.speed" in line
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("model: 3\n", "recipe section model: expected a mapping of keys, got 3"),
+    ("", "empty recipe"),
+    ("model:\n  kind: gnmt\n  encoder_layers: 1\n", "model.encoder_layers: 1 is out of range"),
+    ("data:\n  max_len: 0\n", "data.max_len: 0 is out of range; must be between 1 and"),
+])
+def test_bad_recipe_is_one_line_before_training(tmp_path: Path, text: str, expected: str) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(text, encoding="utf-8")
+    assert expected in one_error_line(run("train", str(recipe), "--run", str(tmp_path / "run")))
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_with_no_processes_is_refused(tmp_path: Path, corpus: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe(corpus)), encoding="utf-8")
+    line = one_error_line(run("train", str(recipe), "--nproc", "0", "--run", str(tmp_path / "run")))
+    assert "--nproc 0: give at least 1 process" in line
+    assert not (tmp_path / "run").exists()
 
 
 def test_train_missing_data_is_one_line(tmp_path: Path) -> None:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
+import stat
 from pathlib import Path
 
 import pytest
 
 from nmt.batching import EpochBatches, collate, make_batches, shard
-from nmt.data import load_parallel, read_lines, read_parallel
+from nmt.data import decode_lines, load_parallel, read_lines, read_parallel
 from nmt.errors import NmtError
 from nmt.tokenizer import BOS, EOS, PAD, UNK, Tokenizer, train_tokenizer
 
@@ -58,6 +60,22 @@ def test_invalid_utf8_names_file_and_line(tmp_path: Path) -> None:
         read_lines(path)
 
 
+@pytest.mark.parametrize("policy, second", [("replace", "caf\ufffd"), ("skip-empty", "")])
+def test_bad_line_policies_keep_every_line(policy: str, second: str, caplog) -> None:
+    data = b"one\ncaf\xe9\r\nthree\n"
+    logger = logging.getLogger("nmt")
+    logger.addHandler(caplog.handler)  # the CLI may have stopped "nmt" from propagating
+    try:
+        with caplog.at_level("WARNING", logger="nmt"):
+            lines = decode_lines(data, "in.en", policy)
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert lines == ["one", second, "three"]
+    assert "in.en:2: invalid UTF-8" in caplog.text and "in.en:1" not in caplog.text
+    with pytest.raises(NmtError, match=r"in.en:2: invalid UTF-8"):
+        decode_lines(data, "in.en")
+
+
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(NmtError, match="no such file"):
         read_lines(tmp_path / "absent.en")
@@ -81,6 +99,31 @@ def test_empty_and_overlong_pairs_dropped_and_counted(tmp_path: Path, tokenizer,
         logger.removeHandler(caplog.handler)
     assert data.index == [0, 4]
     assert "2 dropped as empty, 1 dropped as longer than 50" in caplog.text
+
+
+# --- files on disk
+
+def test_checkpoint_rename_is_made_durable(tmp_path: Path, monkeypatch) -> None:
+    from nmt import checkpoint
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        st = os.fstat(fd)
+        events.append(("fsync dir" if stat.S_ISDIR(st.st_mode) else "fsync file", st.st_ino))
+        real_fsync(fd)
+
+    def replace(src, dst) -> None:
+        events.append(("replace", None))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    checkpoint.save({"model": {}}, tmp_path / "last.pt")
+    kinds = [kind for kind, _ in events]
+    assert kinds == ["fsync file", "replace", "fsync dir"]  # data on disk, rename, then the rename itself
+    assert events[-1][1] == tmp_path.stat().st_ino
 
 
 # --- batching
