@@ -1,7 +1,7 @@
 """Decoding speed: sentences/s and output tokens/s at beam 5 and greedy.
 
     python bench/decode_speed.py runs/multi30k-transformer [--src FILE] [--ref FILE]
-        [--checkpoint best] [--beams 5 1] [--repeats 3]
+        [--checkpoint best] [--beams 5 1] [--repeats 3] [--int8]
 
 Translates the run's test split (or --src) several times per beam size and prints the
 median sentences/s and output subword tokens/s, with BLEU against --ref (or the run's
@@ -36,17 +36,20 @@ def main() -> None:
     parser.add_argument("--beams", type=int, nargs="+", default=[5, 1])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--int8", action="store_true", help="decode with the int8 copy of the model (CPU)")
     args = parser.parse_args()
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg, tokenizer, model = load_run(args.run, args.checkpoint)
+    cfg, tokenizer, model = load_run(args.run, args.checkpoint, int8=args.int8)
     src_path, ref_path = config.split_paths(cfg.data, "test")
     src_path, ref_path = args.src or src_path, args.ref or ref_path
     lines = read_lines(src_path)
     refs = read_lines(ref_path) if ref_path.exists() else None
     print(describe_machine())
-    print(f"model: {cfg.model.kind} from {args.run} ({args.checkpoint}); {len(lines)} sentences of {src_path}")
+    precision = "int8" if args.int8 else "float32"
+    print(f"model: {cfg.model.kind} from {args.run} ({args.checkpoint}, {precision}); "
+          f"{len(lines)} sentences of {src_path}")
     for beam in args.beams:
         search = config.SearchConfig(**{**vars(cfg.search), "beam": beam, "n_best": 1})
         times, out_tokens, hyps = [], 0, []

@@ -45,6 +45,9 @@ class TokenizerConfig:
     # Reuse the SentencePiece model of another run (a run directory or a .model file), so
     # that two models compared with each other see exactly the same subwords.
     reuse: str | None = None
+    # Lines per side drawn uniformly from the training files to train SentencePiece on
+    # (nmt prepare); a corpus with fewer lines gives all of them.
+    sample_sentences: int = 1_000_000
 
 
 @dataclass
@@ -114,6 +117,25 @@ class SearchConfig:
     n_best: int = 1
     max_tokens: int = 6000  # source tokens per decoding batch
     max_sentences: int = 128
+    # Decode with an int8 copy of the model (dynamic quantization; CPU only, ignored on a GPU).
+    int8: bool = False
+    # Fewest target tokens before EOS may end a sentence (1: a non-empty input never gets an
+    # empty translation).
+    min_len: int = 1
+    # When beam search retires a sentence: "standard" once it has `beam` finished hypotheses,
+    # "exact" once no alive hypothesis can still beat the n_best-th finished one (slower).
+    stop: str = "standard"
+
+    def __post_init__(self) -> None:
+        # Checked here, not in _validate, so that settings from the command line and from
+        # a run's search.yaml (dataclasses.replace) are checked too.
+        if self.stop not in ("standard", "exact"):
+            raise NmtError(f"search.stop must be standard or exact, got {self.stop!r}")
+        if self.min_len < 0:
+            raise NmtError(f"search.min_len must be 0 or more, got {self.min_len}")
+        if self.coverage_penalty < 0:
+            raise NmtError(f"search.coverage_penalty must be 0 or more (a negative beta rewards "
+                           f"leaving the source untranslated), got {self.coverage_penalty}")
 
 
 @dataclass
@@ -139,6 +161,8 @@ RESUMABLE_CHANGES = {
     "tokenizer.reuse", "train.max_steps", "train.max_epochs", "train.max_minutes", "train.valid_every",
     "train.patience", "train.log_every", "train.keep_last", "train.average_last",
     "train.threads", "train.valid_beam", "train.dist_timeout_minutes", "name",
+    # How a trained model is decoded does not change what was trained.
+    *(f"search.{f.name}" for f in dataclasses.fields(SearchConfig)),
 }
 
 
@@ -412,3 +436,10 @@ def changed_keys(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
         elif a != b:
             out.append((section, a, b))
     return out
+
+
+def with_search(cfg: Config, values: dict) -> Config:
+    """``cfg`` with some ``search`` keys replaced, each checked as in a recipe."""
+    raw = to_dict(cfg)
+    raw["search"] = {**raw["search"], **values}
+    return from_dict(raw)

@@ -109,6 +109,8 @@ class GNMT(Seq2Seq):
                                             for _ in range(cfg.decoder_layers - 1))
         self.classifier = nn.Linear(2 * h, e)
         self.drop = nn.Dropout(cfg.dropout)
+        # None: logits through the tied embedding; nmt.quantize sets an int8 copy of it here.
+        self.output_projection: nn.Module | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -137,8 +139,13 @@ class GNMT(Seq2Seq):
             y, state = layer(self.drop(torch.cat([x, context], -1)), hidden[i + 1])
             x = x + y if i >= 1 else y  # residual from the third layer on
             new_hidden.append(state)
-        out = self.classifier(self.drop(torch.cat([x, context], -1)))  # (B, T, E)
-        return F.linear(self.drop(out), self.embed.weight), new_hidden, weights
+        out = self.drop(self.classifier(self.drop(torch.cat([x, context], -1))))  # (B, T, E)
+        return self._logits(out), new_hidden, weights
+
+    def _logits(self, out: torch.Tensor) -> torch.Tensor:
+        if self.output_projection is not None:
+            return self.output_projection(out)
+        return F.linear(out, self.embed.weight)  # (B, T, V)
 
     def _zero_hidden(self, n: int, like: torch.Tensor):
         zeros = like.new_zeros(1, n, self.cfg.hidden)

@@ -156,6 +156,8 @@ class Transformer(Seq2Seq):
         self.decoder = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.decoder_layers))
         self.encoder_norm, self.decoder_norm = nn.LayerNorm(d), nn.LayerNorm(d)
         self.drop = nn.Dropout(cfg.dropout)
+        # None: logits through the tied embedding; nmt.quantize sets an int8 copy of it here.
+        self.output_projection: nn.Module | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -185,7 +187,10 @@ class Transformer(Seq2Seq):
         return Memory(self.encoder_norm(x), mask)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.decoder_norm(x), self.embed.weight)  # (B, T, V)
+        h = self.decoder_norm(x)  # (B, T, D)
+        if self.output_projection is not None:
+            return self.output_projection(h)
+        return F.linear(h, self.embed.weight)  # (B, T, V)
 
     def forward(self, src: torch.Tensor, src_lens: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
         memory = self.encode(src, src_lens)
