@@ -1,19 +1,24 @@
 """Runs -> one table of cost and quality, and a picture of valid BLEU against training time.
 
 Everything is read from the run directories: ``config.yaml``, ``log.jsonl`` (training and
-validation clocks kept apart) and ``eval/*.json`` (``nmt eval --model`` results). Runs are
-put in one table only when they share the tokenizer and the test set, unless asked.
+validation clocks kept apart) and ``eval/*.json`` (``nmt eval --model`` results). The test
+score shown is the evaluation of the recipe's test split with the best checkpoint; where the
+run has none, the table says which evaluation it shows instead. Runs are put in one table
+only when they share the tokenizer and the test set, unless asked.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
+import functools
 import io
 import json
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from nmt.config import DataConfig, split_paths
 from nmt.errors import NmtError
 from nmt.tokenizer import MODEL_FILE, file_sha256
 
@@ -41,6 +46,10 @@ class RunSummary:
     decode_sent_per_s: float | None  # beam 5 on the test set, where measured
     tokenizer_sha256: str
     test_set: str  # the reference file's sha256 (or name) of the test result
+    test_source: str = ""  # the source file the test result translated
+    test_checkpoint: str = ""  # the checkpoint that translated it ("best step 1200")
+    # Empty when the test result is the recipe's test split with the best checkpoint; else how it differs.
+    test_note: str = ""
     # Best valid BLEU by each of the asked training times ({"10": 21.3, ...}); None where the
     # run did not train that long.
     bleu_at: dict[str, float | None] = field(default_factory=dict)
@@ -102,18 +111,87 @@ def parse_minutes(text: str) -> list[float]:
     return values
 
 
-def _test_result(run: Path) -> dict | None:
-    """The newest beam-5 evaluation of the run (any beam if there is none)."""
+def _evaluations(run: Path) -> list[tuple[float, dict]]:
+    """(modification time, record) of every readable ``eval/*.json`` of a run."""
     results = []
     for path in sorted((run / "eval").glob("*.json")):
         try:
-            results.append((path.stat().st_mtime, json.loads(path.read_text(encoding="utf-8"))))
+            record = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
             continue
-    if not results:
-        return None
-    results.sort(key=lambda item: (item[1].get("beam") == 5, item[0]))
-    return results[-1][1]
+        if isinstance(record, dict) and "BLEU" in record:
+            results.append((path.stat().st_mtime, record))
+    return results
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256_of(path: Path, mtime_ns: int) -> str:
+    return file_sha256(path)
+
+
+def _is_file(recorded: str | None, recorded_sha256: str | None, expected: Path) -> bool:
+    """Whether an evaluation read ``expected``: by content where both hashes are known, else by name."""
+    if recorded_sha256 and expected.is_file():
+        return recorded_sha256 == _sha256_of(expected, expected.stat().st_mtime_ns)
+    return Path(recorded or "").name == expected.name
+
+
+def _recipe_test_files(cfg: dict) -> tuple[Path, Path] | None:
+    """The (source, reference) files of the test split the run's recipe names."""
+    data = cfg.get("data") if isinstance(cfg.get("data"), dict) else {}
+    known = {f.name for f in dataclasses.fields(DataConfig)}
+    data_cfg = DataConfig(**{k: v for k, v in data.items() if k in known})
+    return split_paths(data_cfg, "test") if data_cfg.test else None
+
+
+def best_step(records: list[dict]) -> int | None:
+    """The step of the first validation with the best BLEU: the step ``best.pt`` holds."""
+    best = None
+    for r in records:
+        if r["event"] == "valid" and (best is None or r["valid_bleu"] > best["valid_bleu"]):
+            best = r
+    return best["step"] if best else None
+
+
+def _test_result(run: Path, cfg: dict, records: list[dict]) -> tuple[dict | None, str]:
+    """The evaluation to report as the run's test score, and what it is if not the expected one.
+
+    Expected: the recipe's test split, translated by ``best.pt`` as it is now (the step the log
+    names), in float32 at the recipe's beam. Failing that, the closest one, said so.
+    """
+    evaluations = _evaluations(run)
+    if not evaluations:
+        return None, ""
+    files, best = _recipe_test_files(cfg), best_step(records)
+    beam = (cfg.get("search") or {}).get("beam", 5)
+
+    def fits(r: dict) -> tuple[bool, bool]:
+        on_test = files is not None and _is_file(r.get("src"), r.get("src_sha256"), files[0]) \
+            and _is_file(r.get("ref"), r.get("ref_sha256"), files[1])
+        on_best = r.get("checkpoint") == "best" and (best is None or r.get("checkpoint_step") in (None, best))
+        return on_test, on_best
+
+    _, chosen = max(evaluations, key=lambda item: (*fits(item[1]), not item[1].get("int8"),
+                                                   item[1].get("beam") == beam, item[0]))
+    on_test, on_best = fits(chosen)
+    differences = []
+    if not on_test:
+        shown = f"{Path(chosen.get('src', '?')).name} -> {Path(chosen.get('ref', '?')).name}"
+        wanted = f"the recipe's test split {files[0].name}" if files else "a test split (the recipe names none)"
+        differences.append(f"{shown}, not {wanted}")
+    if not on_best:
+        step = chosen.get("checkpoint_step")
+        now = f" (step {best})" if best is not None else ""
+        differences.append(f"checkpoint {chosen.get('checkpoint', '?')}"
+                           f"{f' at step {step}' if step is not None else ''}, not best.pt{now}")
+    if chosen.get("int8"):
+        differences.append("int8 decoding")
+    return chosen, "; ".join(differences)
+
+
+def _checkpoint_label(record: dict) -> str:
+    step = record.get("checkpoint_step")
+    return f"{record.get('checkpoint', '?')}" + (f" step {step}" if step is not None else "")
 
 
 def summarize(run: Path, target: float | None = None, at: list[float] = ()) -> RunSummary:
@@ -124,11 +202,12 @@ def summarize(run: Path, target: float | None = None, at: list[float] = ()) -> R
     valid = [r for r in records if r["event"] == "valid"]
     end = next((r for r in reversed(records) if r["event"] == "end"), None)
     last = records[-1]
-    test = _test_result(run)
+    cfg = _read_config(run)
+    test, test_note = _test_result(run, cfg, records)
     spm = run / MODEL_FILE
     return RunSummary(
         run=run.name,
-        model=_model_kind(run),
+        model=_model_kind(run, cfg),
         params=start.get("params"),
         device=start.get("device", "?"),
         ranks=start.get("world_size", 1),
@@ -148,17 +227,28 @@ def summarize(run: Path, target: float | None = None, at: list[float] = ()) -> R
         decode_sent_per_s=test["sentences_per_s"] if test and test.get("beam") == 5 else None,
         tokenizer_sha256=file_sha256(spm) if spm.is_file() else "",
         test_set=(test.get("ref_sha256") or Path(test["ref"]).name) if test else "",
+        test_source=Path(test.get("src", "")).name if test else "",
+        test_checkpoint=_checkpoint_label(test) if test else "",
+        test_note=test_note,
         bleu_at={f"{m:g}": bleu_at(records, m) for m in at},
     )
 
 
-def _model_kind(run: Path) -> str:
+def _read_config(run: Path) -> dict:
+    """The run's resolved recipe, as written by nmt train."""
     import yaml
 
     try:
-        return yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))["model"]["kind"]
-    except (OSError, KeyError, TypeError, yaml.YAMLError):
-        raise NmtError(f"{run}: no readable config.yaml; is it a run directory written by nmt train?") from None
+        cfg = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        cfg = None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict) or "kind" not in cfg["model"]:
+        raise NmtError(f"{run}: no readable config.yaml; is it a run directory written by nmt train?")
+    return cfg
+
+
+def _model_kind(run: Path, cfg: dict | None = None) -> str:
+    return (cfg or _read_config(run))["model"]["kind"]
 
 
 def check_comparable(rows: list[RunSummary]) -> None:
@@ -211,7 +301,8 @@ def _markdown(rows: list[RunSummary]) -> str:
         cells = [r.run + ("" if r.status == "finished" else " (unfinished)"), r.model, num(r.params, ","),
                  f"{r.device} × {r.ranks}", r.precision, num(r.effective_batch, ","), str(r.steps),
                  str(r.epochs), f"{r.train_minutes:.1f}", f"{r.valid_minutes:.1f}", num(r.tokens_per_s, ",.0f"),
-                 num(r.best_valid_bleu, ".2f"), num(r.test_bleu, ".2f"), num(r.test_chrf, ".2f"),
+                 num(r.best_valid_bleu, ".2f"), num(r.test_bleu, ".2f") + (" *" if r.test_note else ""),
+                 num(r.test_chrf, ".2f"),
                  num(r.time_to_target_minutes, ".1f"), num(r.decode_sent_per_s, ".1f")]
         lines.append("| " + " | ".join(cells) + " |")
     marks = list(rows[0].bleu_at) if rows else []
@@ -221,6 +312,9 @@ def _markdown(rows: list[RunSummary]) -> str:
                   "|---|---|" + "---|" * len(marks)]
         for r in rows:
             lines.append(f"| {r.run} | {r.model} | " + " | ".join(num(r.bleu_at[m], ".2f") for m in marks) + " |")
+    notes = [f"{r.run}: test BLEU of {r.test_note}" for r in rows if r.test_note]
+    if notes:
+        lines += ["", "\\* not the recipe's test split with the best checkpoint:", ""] + [f"- {n}" for n in notes]
     signatures = sorted({r.test_signature for r in rows if r.test_signature})
     if signatures:
         lines.append("")

@@ -43,6 +43,40 @@ def test_python_dash_m_runs_the_same_app() -> None:
     assert out.returncode == 0 and "translate" in out.stdout
 
 
+# --- README's commands, as CI runs them
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def ci_commands(root: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(root / ".ci" / "run"), "--print"], capture_output=True, text=True)
+
+
+def test_ci_runs_the_readme_install_line_and_test_command() -> None:
+    out = ci_commands(ROOT)
+    assert out.returncode == 0, out.stderr
+    install, test = out.stdout.splitlines()
+    assert install.startswith("python3 -m pip install ") and "torch==2.13.0" in install.split()
+    assert '-e ".[dev]"' in install  # the dev extra brings pytest, which the test command needs
+    assert test == "python3 -m pytest -q"
+    block = (ROOT / "README.md").read_text(encoding="utf-8").split("```")[1]
+    assert install in block and test in block
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11 and later
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["optional-dependencies"]
+    assert any(req.startswith("pytest") for req in extras["dev"])
+
+
+@pytest.mark.parametrize("readme", ["# nmt\n\nNo commands here.\n",
+                                    "```bash\npip install -e .\n```\n"])
+def test_ci_fails_loudly_without_readme_commands(tmp_path: Path, readme: str) -> None:
+    (tmp_path / ".ci").mkdir()
+    shutil.copy(ROOT / ".ci" / "run", tmp_path / ".ci" / "run")
+    (tmp_path / "README.md").write_text(readme, encoding="utf-8")
+    out = ci_commands(tmp_path)
+    assert out.returncode != 0 and out.stdout == ""
+    assert "README.md: " in out.stderr and ("no code block" in out.stderr or "found 1 and 0" in out.stderr)
+
+
 # --- translate
 
 def test_n_lines_in_n_lines_out_with_empty_lines(trained_run: Path) -> None:

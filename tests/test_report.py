@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -14,16 +15,27 @@ from typer.testing import CliRunner
 from cli.main import app
 from nmt import report
 from nmt.errors import NmtError
+from nmt.tokenizer import file_sha256
 
 runner = CliRunner()
 
 
 def make_run(root: Path, name: str, kind: str = "transformer", finished: bool = True, spm: bytes = b"spm-A",
-             ref: str = "ref-sha-1") -> Path:
-    """A run whose valid BLEU goes 10 -> 22 -> 27 at 5, 10, 15 training minutes."""
+             ref: str | None = None) -> Path:
+    """A run whose valid BLEU goes 10 -> 22 -> 27 at 5, 10, 15 training minutes (best.pt: step 300).
+
+    Its recipe's test split is ``root/data/test2016``, evaluated with best.pt at beam 5
+    (BLEU 30.5); ``ref`` replaces the reference's sha256 in that record.
+    """
     run = root / name
     (run / "eval").mkdir(parents=True)
-    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"kind": kind}}), encoding="utf-8")
+    data = root / "data"
+    data.mkdir(exist_ok=True)
+    for split in ("test2016", "valid"):
+        (data / f"{split}.en").write_text(f"{split} source\n", encoding="utf-8")
+        (data / f"{split}.de").write_text(f"{split} reference\n", encoding="utf-8")
+    recipe = {"data": {"dir": str(data), "test": "test2016"}, "model": {"kind": kind}, "search": {"beam": 5}}
+    (run / "config.yaml").write_text(yaml.safe_dump(recipe), encoding="utf-8")
     (run / "spm.model").write_bytes(spm)
     records = [{"event": "start", "step": 0, "params": 1234, "device": "cpu", "world_size": 2,
                 "precision": "bf16", "effective_batch_tokens": 8192}]
@@ -35,10 +47,25 @@ def make_run(root: Path, name: str, kind: str = "transformer", finished: bool = 
     if finished:
         records.append({"event": "end", "step": 300, "train_seconds": 900.0, "valid_seconds": 60.0})
     (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    (run / "eval" / "test2016.en.best.beam5.json").write_text(json.dumps({
-        "BLEU": {"score": 30.5, "signature": "nrefs:1|tok:13a"}, "chrF2": {"score": 55.25, "signature": "x"},
-        "beam": 5, "sentences_per_s": 42.0, "ref": "/data/test2016.de", "ref_sha256": ref}), encoding="utf-8")
+    add_eval(run, "test2016", 30.5, ref_sha256=ref)
     return run
+
+
+def add_eval(run: Path, split: str, bleu: float, checkpoint: str = "best", step: int | None = 300,
+             int8: bool = False, ref_sha256: str | None = None, age: int = 0) -> None:
+    """An eval/*.json as nmt eval --model writes it, ``age`` seconds older than the newest."""
+    data = run.parent / "data"
+    src, ref = data / f"{split}.en", data / f"{split}.de"
+    record = {"BLEU": {"score": bleu, "signature": "nrefs:1|tok:13a"}, "chrF2": {"score": 55.25, "signature": "x"},
+              "src": str(src), "src_sha256": file_sha256(src), "ref": str(ref),
+              "ref_sha256": ref_sha256 or file_sha256(ref), "checkpoint": checkpoint, "beam": 5,
+              "int8": int8, "sentences_per_s": 42.0}
+    if step is not None:
+        record["checkpoint_step"] = step
+    path = run / "eval" / f"{split}.en.{checkpoint}.beam5{'.int8' if int8 else ''}.json"
+    path.write_text(json.dumps(record), encoding="utf-8")
+    newest = max(p.stat().st_mtime for p in (run / "eval").glob("*.json"))
+    os.utime(path, (newest + 1 - age, newest + 1 - age))
 
 
 def test_time_to_target_and_training_time_without_validation(tmp_path: Path) -> None:
@@ -153,3 +180,66 @@ def test_rerunning_a_finished_run_keeps_it_finished(trained_run: Path, tmp_path:
     records = report.read_log(run / "log.jsonl")
     assert [r["event"] for r in records].count("end") == 1 and records[-1]["event"] == "end"
     assert report.summarize(run).status == "finished"
+
+
+def test_test_bleu_is_the_recipe_test_split_with_the_best_checkpoint(tmp_path: Path) -> None:
+    run = make_run(tmp_path, "a")
+    add_eval(run, "valid", 99.0)  # newer, but the valid split
+    add_eval(run, "test2016", 88.0, checkpoint="last")  # newer, but not the best checkpoint
+    add_eval(run, "test2016", 77.0, int8=True)  # newer, but int8 decoding
+    row = report.summarize(run)
+    assert (row.test_bleu, row.test_source, row.test_checkpoint, row.test_note) == (30.5, "test2016.en",
+                                                                                   "best step 300", "")
+    assert "\\* not the recipe's test split" not in report.render([row], "md")
+
+
+def test_report_says_which_evaluation_it_shows_when_the_expected_one_is_missing(tmp_path: Path) -> None:
+    run = make_run(tmp_path, "a")
+    (run / "eval" / "test2016.en.best.beam5.json").unlink()
+    add_eval(run, "valid", 19.0)
+    row = report.summarize(run)
+    assert row.test_bleu == 19.0
+    assert row.test_note == "valid.en -> valid.de, not the recipe's test split test2016.en"
+    text = report.render([row], "md")
+    assert "19.00 *" in text and "- a: test BLEU of valid.en -> valid.de, not the recipe's test split" in text
+    assert json.loads(report.render([row], "json"))[0]["test_note"] == row.test_note
+
+
+def test_an_evaluation_of_an_older_best_checkpoint_is_named_as_such(tmp_path: Path) -> None:
+    run = make_run(tmp_path, "a")
+    add_eval(run, "test2016", 25.0, step=200)  # best.pt of step 200, since replaced by step 300's
+    (run / "eval" / "test2016.en.best.beam5.json").rename(run / "eval" / "old.json")
+    add_eval(run, "valid", 19.0, step=300)
+    row = report.summarize(run)
+    assert row.test_bleu == 25.0  # the test split outranks the checkpoint
+    assert row.test_note == "checkpoint best at step 200, not best.pt (step 300)"
+
+
+def test_records_written_before_provenance_are_read(tmp_path: Path) -> None:
+    run = make_run(tmp_path, "a")
+    record_path = run / "eval" / "test2016.en.best.beam5.json"
+    record = json.loads(record_path.read_text())
+    for key in ("src_sha256", "checkpoint_step", "int8"):
+        del record[key]
+    record_path.write_text(json.dumps(record))
+    row = report.summarize(run)
+    assert (row.test_bleu, row.test_checkpoint, row.test_note) == (30.5, "best", "")
+
+
+def test_report_of_a_real_run_after_two_evaluations(trained_run: Path, corpus: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from nmt import checkpoint
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("eval"))
+    for split in ("test", "valid"):  # the valid split last, as a user checking a number might
+        result = runner.invoke(app, ["eval", "--model", str(run), "--src", str(corpus / f"{split}.en"),
+                                     "--ref", str(corpus / f"{split}.de"), "--beam", "1"])
+        assert result.exit_code == 0, result.output
+    saved = json.loads((run / "eval" / "test.en.best.beam1.json").read_text())
+    assert saved["src_sha256"] == file_sha256(corpus / "test.en")
+    assert saved["checkpoint_sha256"] == file_sha256(run / "best.pt")
+    assert saved["checkpoint_step"] == checkpoint.load(run / "best.pt")["step"]
+    row = report.summarize(run)
+    assert row.test_source == "test.en" and row.test_bleu == saved["BLEU"]["score"] and row.test_note == ""
