@@ -10,17 +10,19 @@ but two ways of searching must agree (beam 1 and greedy, batched and one by one)
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import random
 from dataclasses import dataclass
 
 import pytest
 import torch
 
-from nmt.config import TransformerConfig
+from nmt.config import SearchConfig, TransformerConfig
 from nmt.models import build_model
 from nmt.models.base import Memory, Seq2Seq
 from nmt.search import Hypothesis, beam_search, greedy_search, length_penalty, search
-from nmt.tokenizer import BOS, EOS, PAD
+from nmt.tokenizer import BOS, EOS, PAD, UNK
 
 # A long CPU training may share the machine: keep these tests on one core.
 torch.set_num_threads(1)
@@ -113,8 +115,8 @@ BEAM_BEATS_GREEDY: Table = {
 def test_beam_finds_a_more_probable_sentence_than_greedy() -> None:
     model = TableModel(BEAM_BEATS_GREEDY)
     src, lens = source([X])
-    greedy = greedy_search(model, src, lens)
-    beam = beam_search(model, src, lens, beam=2, length_alpha=0.0)
+    greedy = greedy_search(model, src, lens, SearchConfig(beam=1))
+    beam = beam_search(model, src, lens, SearchConfig(beam=2, length_penalty=0.0))
     assert tokens_of(greedy) == [[[A, C]]]
     assert greedy[0][0].log_prob == pytest.approx(math.log(0.2))
     assert tokens_of(beam) == [[[B, C]]]
@@ -125,8 +127,8 @@ def test_beam_finds_a_more_probable_sentence_than_greedy() -> None:
 def test_search_picks_greedy_for_beam_1_and_beam_search_otherwise() -> None:
     model = TableModel(BEAM_BEATS_GREEDY)
     src, lens = source([X])
-    assert tokens_of(search(model, src, lens, beam=1)) == [[[A, C]]]
-    assert tokens_of(search(model, src, lens, beam=2, length_alpha=0.0)) == [[[B, C]]]
+    assert tokens_of(search(model, src, lens, SearchConfig(beam=1))) == [[[A, C]]]
+    assert tokens_of(search(model, src, lens, SearchConfig(beam=2, length_penalty=0.0))) == [[[B, C]]]
 
 
 @pytest.fixture(scope="module")
@@ -149,33 +151,36 @@ def random_source(lengths: list[int], seed: int) -> tuple[torch.Tensor, torch.Te
 def test_beam_1_is_greedy(transformer: Seq2Seq) -> None:
     model = TableModel(BEAM_BEATS_GREEDY)
     src, lens = source([X])
-    assert tokens_of(beam_search(model, src, lens, beam=1)) == tokens_of(greedy_search(model, src, lens))
+    one = SearchConfig(beam=1)
+    assert tokens_of(beam_search(model, src, lens, one)) == tokens_of(greedy_search(model, src, lens, one))
 
     src, lens = random_source([3, 7, 5, 1, 9], seed=1)
-    greedy = greedy_search(transformer, src, lens)
-    beam = beam_search(transformer, src, lens, beam=1)
+    greedy = greedy_search(transformer, src, lens, one)
+    beam = beam_search(transformer, src, lens, one)
     assert tokens_of(beam) == tokens_of(greedy)
     for g, b in zip(greedy, beam, strict=True):
         assert b[0].log_prob == pytest.approx(g[0].log_prob, abs=1e-4)
 
 
-@pytest.mark.parametrize("beam, beta", [(1, 0.0), (4, 0.0), (4, 0.5)])
-def test_batched_search_equals_one_sentence_at_a_time(transformer: Seq2Seq, beam: int, beta: float) -> None:
+@pytest.mark.parametrize("beam, beta, stop", [(1, 0.0, "standard"), (4, 0.0, "standard"), (4, 0.5, "standard"),
+                                              (4, 0.5, "exact")])
+def test_batched_search_equals_one_sentence_at_a_time(transformer: Seq2Seq, beam: int, beta: float,
+                                                      stop: str) -> None:
     # Different lengths give different length limits, so sentences leave the batch at
     # different steps and the rows of the survivors are reindexed.
     src, lens = random_source([6, 2, 9, 4, 1, 7], seed=2)
-    kwargs = {"length_alpha": 0.6, "coverage_beta": beta} if beam > 1 else {}
-    batched = search(transformer, src, lens, beam=beam, n_best=beam, **kwargs)
+    cfg = SearchConfig(beam=beam, n_best=beam, length_penalty=0.6, coverage_penalty=beta, stop=stop)
+    batched = search(transformer, src, lens, cfg)
     for i, n in enumerate(lens.tolist()):
-        alone = search(transformer, src[i : i + 1, :n], lens[i : i + 1], beam=beam, n_best=beam, **kwargs)[0]
+        alone = search(transformer, src[i : i + 1, :n], lens[i : i + 1], cfg)[0]
         assert [h.tokens for h in batched[i]] == [h.tokens for h in alone]
         assert [h.score for h in batched[i]] == pytest.approx([h.score for h in alone], abs=1e-4)
 
 
 def test_n_best_is_sorted_distinct_and_starts_with_the_1_best(transformer: Seq2Seq) -> None:
     src, lens = random_source([5, 8, 3], seed=3)
-    best = beam_search(transformer, src, lens, beam=4)
-    n_best = beam_search(transformer, src, lens, beam=4, n_best=3)
+    best = beam_search(transformer, src, lens, SearchConfig(beam=4))
+    n_best = beam_search(transformer, src, lens, SearchConfig(beam=4, n_best=3))
     for one, hyps in zip(best, n_best, strict=True):
         assert len(hyps) == 3
         scores = [h.score for h in hyps]
@@ -185,17 +190,17 @@ def test_n_best_is_sorted_distinct_and_starts_with_the_1_best(transformer: Seq2S
 
     # By hand (see BEAM_BEATS_GREEDY): B C (0.36) then A C (0.2).
     model = TableModel(BEAM_BEATS_GREEDY)
-    hyps = beam_search(model, *source([X]), beam=2, length_alpha=0.0, n_best=2)[0]
+    hyps = beam_search(model, *source([X]), SearchConfig(beam=2, length_penalty=0.0, n_best=2))[0]
     assert [h.tokens for h in hyps] == [[B, C], [A, C]]
     assert [h.log_prob for h in hyps] == pytest.approx([math.log(0.36), math.log(0.2)])
 
 
-# Beam 3 keeps A, B and finishes the empty sentence (EOS, 0.1, ranks third) at step 1;
+# With min_len 0, beam 3 keeps A, B and finishes the empty sentence (EOS, 0.1, ranks third) at step 1;
 # step 2 keeps BC 0.36, AC 0.2, AD 0.175, and at step 3 all three end. The 3 most probable
 # finished sentences are B C, A C, A D; the empty one (0.1) is worse than all of them.
 def test_n_best_keeps_the_best_finished_hypotheses() -> None:
     model = TableModel(BEAM_BEATS_GREEDY)  # (X, A, D) is unlisted: it ends with P 1
-    hyps = beam_search(model, *source([X]), beam=3, length_alpha=0.0, n_best=3)[0]
+    hyps = beam_search(model, *source([X]), SearchConfig(beam=3, length_penalty=0.0, n_best=3, min_len=0))[0]
     assert [h.tokens for h in hyps] == [[B, C], [A, C], [A, D]]
 
 
@@ -216,9 +221,9 @@ def test_length_penalty_favours_longer_sentences_as_alpha_grows() -> None:
     assert length_penalty(7, 1.0) == pytest.approx(2.0)
     model = TableModel(SHORT_OR_LONG)
     src, lens = source([X])
-    short = beam_search(model, src, lens, beam=2, length_alpha=0.0, n_best=2)[0]
+    short = beam_search(model, src, lens, SearchConfig(beam=2, length_penalty=0.0, n_best=2))[0]
     assert [h.tokens for h in short] == [[A], [B, C, D]]
-    long = beam_search(model, src, lens, beam=2, length_alpha=2.0, n_best=2)[0]
+    long = beam_search(model, src, lens, SearchConfig(beam=2, length_penalty=2.0, n_best=2))[0]
     assert [h.tokens for h in long] == [[B, C, D], [A]]
     assert long[0].score == pytest.approx(math.log(0.45) / 2.25)
     assert long[0].log_prob == pytest.approx(math.log(0.45))  # the raw log P is kept unchanged
@@ -232,17 +237,17 @@ NEVER_ENDS = {A: 0.7, B: 0.2999, EOS: 1e-4}
 def test_max_length_forces_eos(beam: int) -> None:
     # max_lengths counts EOS: a * |src| + b = 3 target tokens is two words and the EOS.
     model = TableModel({}, default=NEVER_ENDS)
-    hyps = search(model, *source([X, Y, Y]), beam=beam, max_len_a=0.0, max_len_b=3)
+    hyps = search(model, *source([X, Y, Y]), SearchConfig(beam=beam, max_len_a=0.0, max_len_b=3))
     assert tokens_of(hyps) == [[[A, A]]]
     assert hyps[0][0].log_prob == pytest.approx(math.log(0.7 * 0.7 * 1e-4), rel=1e-4)
 
     # Each sentence of a batch has its own limit: 1 * |src| + 1 = 2 and 4 tokens.
-    hyps = search(model, *source([X], [X, Y, Y]), beam=beam, max_len_a=1.0, max_len_b=1)
+    hyps = search(model, *source([X], [X, Y, Y]), SearchConfig(beam=beam, max_len_a=1.0, max_len_b=1))
     assert tokens_of(hyps) == [[[A]], [[A, A, A]]]
 
     # The model's max_positions caps the limit too.
     model = TableModel({}, default=NEVER_ENDS, max_positions=3)
-    assert tokens_of(search(model, *source([X]), beam=beam, max_len_a=0.0, max_len_b=10)) == [[[A, A]]]
+    assert tokens_of(search(model, *source([X]), SearchConfig(beam=beam, max_len_a=0.0, max_len_b=10))) == [[[A, A]]]
 
 
 # Source X Y. A (P 0.6) attends to X at both steps and leaves Y with 0.2 attention;
@@ -256,30 +261,33 @@ COVERAGE_ATTENTION = {(X,): [1.0, 0.0], (X, A): [0.8, 0.2], (X, B): [0.0, 1.0]}
 def test_coverage_penalty_favours_the_sentence_that_covers_the_source() -> None:
     model = TableModel(COVERAGE_TABLE, attention=COVERAGE_ATTENTION)
     src, lens = source([X, Y])
-    plain = beam_search(model, src, lens, beam=2, length_alpha=0.0, coverage_beta=0.0)
+    plain = beam_search(model, src, lens, SearchConfig(beam=2, length_penalty=0.0, coverage_penalty=0.0))
     assert tokens_of(plain) == [[[A]]]
-    covered = beam_search(model, src, lens, beam=2, length_alpha=0.0, coverage_beta=5.0, n_best=2)[0]
+    covered = beam_search(model, src, lens, SearchConfig(beam=2, length_penalty=0.0, coverage_penalty=5.0,
+                                                         n_best=2))[0]
     assert [h.tokens for h in covered] == [[B], [A]]
     assert [h.score for h in covered] == pytest.approx([math.log(0.4), math.log(0.6) + 5 * math.log(0.2)])
 
 
 def test_keep_attention_returns_one_row_per_target_token() -> None:
     model = TableModel(COVERAGE_TABLE, attention=COVERAGE_ATTENTION)
-    hyps = beam_search(model, *source([X, Y]), beam=2, length_alpha=0.0, n_best=2, keep_attention=True)[0]
+    hyps = beam_search(model, *source([X, Y]), SearchConfig(beam=2, length_penalty=0.0, n_best=2),
+                       keep_attention=True)[0]
     by_tokens = {tuple(h.tokens): h.attention for h in hyps}
     # One row per token, EOS included: the steps that chose B, then EOS.
     assert torch.equal(by_tokens[(B,)], torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
     assert torch.equal(by_tokens[(A,)], torch.tensor([[1.0, 0.0], [0.8, 0.2]]))
 
 
-# Step 1: A 0.5, EOS 0.3, B 0.2; EOS ranks second, inside beam 2, so the empty sentence
-# finishes, and A and B are the beams. Step 2: A and B both end (0.5 and 0.2).
+# Step 1 (with min_len 0): A 0.5, EOS 0.3, B 0.2; EOS ranks second, inside beam 2, so the
+# empty sentence finishes, and A and B are the beams. Step 2: A and B both end (0.5 and 0.2).
 # With beta 5 the empty sentence and A leave Y unattended (5 log 1e-10 = -115) and B
 # covers X and Y: B is by far the best, and the search did reach it.
 def test_coverage_best_is_not_dropped_when_the_beam_fills() -> None:
     model = TableModel({(X,): {A: 0.5, EOS: 0.3, B: 0.2}, (X, A): {EOS: 1.0}, (X, B): {EOS: 1.0}},
                        attention={(X,): [1.0, 0.0], (X, A): [1.0, 0.0], (X, B): [0.0, 1.0]})
-    hyps = beam_search(model, *source([X, Y]), beam=2, length_alpha=0.0, coverage_beta=5.0)
+    cfg = SearchConfig(beam=2, length_penalty=0.0, coverage_penalty=5.0, min_len=0)
+    hyps = beam_search(model, *source([X, Y]), cfg)
     assert tokens_of(hyps) == [[[B]]]
 
 
@@ -304,6 +312,169 @@ TWO_LENGTHS: Table = {
 ])
 def test_finished_sentences_leave_the_batch(beam: int, rows: list[int]) -> None:
     model = TableModel(TWO_LENGTHS)
-    hyps = search(model, *source([X], [Y]), beam=beam, max_len_a=0.0, max_len_b=6)
+    hyps = search(model, *source([X], [Y]), SearchConfig(beam=beam, max_len_a=0.0, max_len_b=6))
     assert [h[0].tokens for h in hyps] == [[A], [A, B, C, D, E]]
     assert model.rows == rows
+
+
+# --- rules every search follows: no empty output, no special tokens -------------------------
+
+# The empty sentence is the most probable (EOS 0.9 at once); A then EOS is next (0.1).
+ENDS_AT_ONCE: Table = {(X,): {EOS: 0.9, A: 0.1}, (X, A): {EOS: 0.6, B: 0.4}, (X, A, B): {EOS: 1.0}}
+
+
+@pytest.mark.parametrize("beam", [1, 3])
+def test_non_empty_input_never_gets_an_empty_translation(beam: int) -> None:
+    model = TableModel(ENDS_AT_ONCE)
+    src, lens = source([X, Y])
+    assert tokens_of(search(model, src, lens, SearchConfig(beam=beam))) == [[[A]]]  # min_len 1
+    assert tokens_of(search(model, src, lens, SearchConfig(beam=beam, min_len=0))) == [[[]]]
+    # min_len 2 forbids EOS after A too: A B (0.04) is the only sentence left.
+    assert tokens_of(search(model, src, lens, SearchConfig(beam=beam, min_len=2))) == [[[A, B]]]
+
+
+# PAD, BOS and UNK take most of the probability at every step; A, B and EOS share the rest.
+SPECIALS_FIRST: Table = {
+    (X,): {PAD: 0.4, UNK: 0.3, BOS: 0.2, A: 0.06, B: 0.04},
+    (X, A): {UNK: 0.9, EOS: 0.1},
+    (X, B): {BOS: 0.5, PAD: 0.4, EOS: 0.1},
+}
+
+
+@pytest.mark.parametrize("beam", [1, 2, 4])
+def test_pad_bos_and_unk_are_never_generated(beam: int) -> None:
+    model = TableModel(SPECIALS_FIRST)
+    hyps = search(model, *source([X]), SearchConfig(beam=beam, length_penalty=0.0, min_len=0))
+    # A EOS (0.06 * 0.1) beats B EOS (0.04 * 0.1); greedy takes A, then EOS, as well.
+    assert tokens_of(hyps) == [[[A]]]
+    assert hyps[0][0].log_prob == pytest.approx(math.log(0.006), rel=1e-5)
+
+
+# The worked example of the stopping rule (alpha 0.6, beam 2, min_len 0 to let EOS in at once):
+# step 1 A .45, EOS .30, B .25: the empty sentence finishes, log .30 / lp(1) = -1.204, and A,
+# B go on; step 2 B C .25, A EOS .2475, A D .2025: A finishes (-1.396 / lp(2) = -1.273) and
+# with two finished hypotheses the standard rule retires the sentence: the empty one wins,
+# while B C, one step from its EOS (P 1), scores -1.386 / lp(3) = -1.167. Its bound at
+# step 2, -1.386 / lp(limit) with lp(limit) > 1, is above -1.204: the exact rule goes on.
+WORKED: Table = {
+    (X,): {A: 0.45, EOS: 0.30, B: 0.25},
+    (X, A): {EOS: 0.55, D: 0.45},
+    (X, B): {C: 1.0},
+    (X, B, C): {EOS: 1.0},
+}
+
+
+def test_exact_stopping_rule_finds_what_the_standard_rule_misses() -> None:
+    model = TableModel(WORKED)
+    src, lens = source([X])
+    standard = beam_search(model, src, lens, SearchConfig(beam=2, min_len=0))
+    assert tokens_of(standard) == [[[]]]
+    assert standard[0][0].score == pytest.approx(math.log(0.3), abs=1e-4)
+    exact = beam_search(model, src, lens, SearchConfig(beam=2, min_len=0, stop="exact"))
+    assert tokens_of(exact) == [[[B, C]]]
+    assert exact[0][0].score == pytest.approx(math.log(0.25) / length_penalty(3, 0.6), abs=1e-4)
+    # A wider beam finds it under the standard rule; by default (min_len 1) the empty
+    # sentence is not allowed and B C wins at beam 2 as well.
+    assert tokens_of(beam_search(model, src, lens, SearchConfig(beam=3, min_len=0))) == [[[B, C]]]
+    assert tokens_of(beam_search(model, src, lens, SearchConfig(beam=2))) == [[[B, C]]]
+
+
+def test_exact_rule_retires_a_sentence_once_nothing_alive_can_win() -> None:
+    # A ends with P 0.9 at step 2; the B branch can reach at most log 0.1 / lp(limit), which
+    # is below log 0.9 / lp(2): the sentence leaves the batch after step 2, not at its limit.
+    model = TableModel({(X,): {A: 0.9, B: 0.1}, (X, A): {EOS: 1.0}}, default={C: 1.0})
+    hyps = beam_search(model, *source([X]), SearchConfig(beam=2, stop="exact", max_len_a=0.0, max_len_b=6))
+    assert tokens_of(hyps) == [[[A]]]
+    assert len(model.rows) == 2
+
+
+# --- the exact rule against exhaustive search ------------------------------------------------
+
+def random_table(rng: random.Random, words: int, limit: int, src_len: int) -> tuple[Table, dict]:
+    """Next-token tables for every context up to ``limit`` target tokens, with attention.
+
+    Half the contexts allow 2 to 5 tokens among the real ones, EOS and the special ids; the
+    other half are sure of one token (real or EOS), so that a hypothesis that looks poor can
+    still finish without losing more probability: what an exact stopping rule must reckon with.
+    """
+    real = list(range(EOS + 1, EOS + 1 + words))
+    table: Table = {}
+    attention: dict[Context, list[float]] = {}
+    contexts: list[Context] = [(X,)]
+    while contexts:
+        context = contexts.pop()
+        sure = rng.random() < 0.5
+        support = [rng.choice([*real, EOS])] if sure else rng.sample([*real, EOS, PAD, BOS, UNK], rng.randint(2, 5))
+        weights = [rng.random() for _ in support]
+        table[context] = {tok: w / sum(weights) for tok, w in zip(support, weights)}
+        attention[context] = [rng.random() for _ in range(src_len)]
+        if len(context) < limit:  # len(context) - 1 target tokens so far
+            contexts += [(*context, tok) for tok in support if tok in real]
+    return table, attention
+
+
+def exhaustive(table: Table, attention: dict, limit: int, cfg: SearchConfig,
+               src_len: int) -> tuple[list[tuple[float, list[int]]], int]:
+    """Every sentence the rules allow, as (score, tokens), best first, and the most
+    candidates any step of a beam search can have (a beam this wide prunes nothing)."""
+    done: list[tuple[float, list[int]]] = []
+    candidates = [0] * limit
+
+    def walk(prefix: list[int], log_prob: float, coverage: list[float]) -> None:
+        context = (X, *prefix)
+        step = len(prefix)
+        coverage = [c + a for c, a in zip(coverage, attention.get(context, [0.0] * src_len))]
+        for tok, p in table.get(context, {EOS: 1.0}).items():
+            if step + 1 == limit:
+                allowed = tok == EOS
+            else:
+                allowed = tok not in (PAD, BOS, UNK) and not (tok == EOS and step < cfg.min_len)
+            if not allowed or p == 0:
+                continue
+            candidates[step] += 1
+            if tok == EOS:
+                cp = cfg.coverage_penalty * sum(math.log(min(max(c, 1e-10), 1.0)) for c in coverage)
+                done.append(((log_prob + math.log(p)) / length_penalty(step + 1, cfg.length_penalty) + cp, prefix))
+            else:
+                walk([*prefix, tok], log_prob + math.log(p), coverage)
+
+    walk([], 0.0, [0.0] * src_len)
+    return sorted(done, key=lambda d: -d[0]), max(candidates)
+
+
+def test_exact_rule_with_a_full_beam_returns_the_exhaustive_best() -> None:
+    # A beam as wide as the most candidates of any step prunes nothing, so the search can
+    # miss the best sentence only by retiring too early: that is what this checks.
+    retired_early = 0
+    for seed in range(200):
+        rng = random.Random(seed)
+        words, limit, src_len = rng.randint(4, 6), rng.randint(5, 6), rng.randint(1, 3)
+        table, attention = random_table(rng, words, limit, src_len)
+        cfg = SearchConfig(beam=1, length_penalty=rng.choice([0.0, 0.6, 1.0, 2.0, 3.0]),
+                           coverage_penalty=rng.choice([0.0, 0.0, 0.3, 1.0]), min_len=rng.choice([0, 1, 2]),
+                           max_len_a=0.0, max_len_b=limit, stop="exact")
+        sentences, width = exhaustive(table, attention, limit, cfg, src_len)
+        if not sentences:
+            continue
+        model = TableModel(table, attention=attention)
+        cfg = dataclasses.replace(cfg, beam=max(width, 2))
+        (hyps,) = beam_search(model, *source([X] + [Y] * (src_len - 1)), cfg)
+        assert hyps, f"seed {seed}: no hypothesis"
+        best_score, best = sentences[0]
+        assert hyps[0].score == pytest.approx(best_score, abs=1e-5), f"seed {seed}"
+        if len(sentences) == 1 or sentences[1][0] < best_score - 1e-4:  # not a near tie
+            assert hyps[0].tokens == best, f"seed {seed}"
+        retired_early += len(model.rows) < limit
+    # The bound was put to work: many sentences left before their length limit.
+    assert retired_early >= 20
+
+
+def test_exact_rule_never_returns_a_worse_best_than_the_standard_rule(transformer: Seq2Seq) -> None:
+    # It stops only when nothing alive can win, and keeps what it has finished, best first.
+    src, lens = random_source([6, 2, 9, 4, 1, 7, 3, 5], seed=4)
+    for alpha in (0.0, 1.0, 2.0):
+        cfg = SearchConfig(beam=3, length_penalty=alpha, coverage_penalty=0.2)
+        standard = beam_search(transformer, src, lens, cfg)
+        exact = beam_search(transformer, src, lens, dataclasses.replace(cfg, stop="exact"))
+        for s, e in zip(standard, exact, strict=True):
+            assert e[0].score >= s[0].score - 1e-5
