@@ -6,6 +6,7 @@ status 1; progress and log messages go to stderr, translations to stdout.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -116,6 +117,34 @@ def _argv_without(option: str) -> list[str]:
     return out
 
 
+@app.command()
+@user_errors
+def prepare(
+    recipe: Annotated[Path, typer.Argument(help="A recipe YAML file, or a run directory that has config.yaml.")],
+    run: Annotated[Optional[Path], typer.Option(
+        help="Run directory whose spm.model is used, or gets the one trained (default: runs/<recipe name>).")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option(
+        "--set", help="Override a recipe key: --set data.dir=big (repeatable).")] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr.")] = True,
+):
+    """Encode the train and valid splits once into memory-mapped arrays, shared by later runs.
+
+    The tokenizer is the run's spm.model, or tokenizer.reuse's, or one trained now on a sample
+    of the training data (tokenizer.sample_sentences lines per side) and written to RUN/spm.model.
+    The arrays go to $NMT_CACHE/prepared (default ~/.cache/nmt/prepared). Prints each stage's time.
+    """
+    from nmt import config
+    from nmt.prepare import describe, prepare_run
+
+    if recipe.is_dir():
+        run = run or recipe
+        recipe = recipe / "config.yaml"
+    cfg = config.load_recipe(recipe, set_ or [])
+    tokenizer, timings, reports = prepare_run(cfg, run or Path("runs") / cfg.name,
+                                              progress=progress and sys.stderr.isatty())
+    typer.echo(describe(tokenizer, timings, reports))
+
+
 # --- translate ------------------------------------------------------------------------------
 
 def _read_input(path: Optional[Path], on_bad_line: str = "error") -> tuple[list[str], str]:
@@ -136,15 +165,11 @@ def _check_counts(**options: Optional[int]) -> None:
             raise NmtError(f"--{name.replace('_', '-')} {value}: must be at least 1")
 
 
-def _search_config(cfg, beam, n_best, length_penalty, coverage_penalty, max_sentences):
-    from nmt.config import SearchConfig
-
-    values = vars(cfg.search).copy()
-    for key, value in [("beam", beam), ("n_best", n_best), ("length_penalty", length_penalty),
-                       ("coverage_penalty", coverage_penalty), ("max_sentences", max_sentences)]:
-        if value is not None:
-            values[key] = value
-    search = SearchConfig(**values)
+def _search_config(cfg, beam, n_best, length_penalty, coverage_penalty, max_sentences, **more):
+    """The run's search settings with the options given on the command line (None: not given)."""
+    given = dict(beam=beam, n_best=n_best, length_penalty=length_penalty, coverage_penalty=coverage_penalty,
+                 max_sentences=max_sentences, **more)
+    search = dataclasses.replace(cfg.search, **{k: v for k, v in given.items() if v is not None})
     if search.beam < 1:
         raise NmtError(f"--beam {search.beam}: the beam size must be at least 1 (1 is greedy search)")
     if not 1 <= search.n_best <= search.beam:
@@ -170,12 +195,19 @@ def translate(
         help="Print the K best per line as 'line ||| text ||| score'.")] = None,
     length_penalty: Annotated[Optional[float], typer.Option(help="GNMT length penalty alpha.")] = None,
     coverage_penalty: Annotated[Optional[float], typer.Option(help="GNMT coverage penalty beta.")] = None,
+    stop: Annotated[Optional[str], typer.Option(
+        help="Beam search stopping rule: standard (once beam hypotheses are finished) or exact (once "
+             "nothing alive can beat the n-best; slower).")] = None,
+    min_len: Annotated[Optional[int], typer.Option(help="Fewest output tokens (default 1: never empty).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Most sentences per batch.")] = None,
     int8: Annotated[Optional[bool], typer.Option(
         "--int8/--no-int8", help="Decode with an int8 copy of the model, CPU only (default: the recipe's).")] = None,
     on_bad_line: Annotated[str, typer.Option(
         help="A line that is not UTF-8: error (stop), replace (bad bytes by U+FFFD) or skip-empty "
              "(an empty line out); the last two warn with the line number.")] = "error",
+    engine: Annotated[str, typer.Option(
+        help="nmt, or ctranslate2: --model is then a directory written by nmt export, decoded by "
+             "CTranslate2 in the precision it was exported in.")] = "nmt",
 ):
     """Translate lines from stdin (or --input) to stdout: N lines in, N lines out, in order."""
     from nmt.checkpoint import load_run
@@ -186,11 +218,23 @@ def translate(
     _check_counts(beam=beam, n_best=n_best, batch_size=batch_size)
     if on_bad_line not in ON_BAD_LINE:
         raise NmtError(f"--on-bad-line {on_bad_line}: choose one of {', '.join(ON_BAD_LINE)}")
-    cfg, tokenizer, net = load_run(model, checkpoint, pick_device(), int8)
-    search = _search_config(cfg, beam, n_best, length_penalty, coverage_penalty, batch_size)
+    if engine not in ("nmt", "ctranslate2"):
+        raise NmtError(f"--engine {engine}: choose nmt or ctranslate2")
+    if engine == "ctranslate2":
+        from nmt.export import ExportedModel
+
+        exported = ExportedModel(model)
+        search = _search_config(exported, beam, n_best, length_penalty, coverage_penalty, batch_size,
+                                stop=stop, min_len=min_len)
+        decode = exported.translate
+    else:
+        cfg, tokenizer, net = load_run(model, checkpoint, pick_device(), int8)
+        search = _search_config(cfg, beam, n_best, length_penalty, coverage_penalty, batch_size,
+                                stop=stop, min_len=min_len)
+        decode = functools.partial(run_translate, net, tokenizer)
     lines, name = _read_input(input, on_bad_line)
     with _progress(len(lines), sys.stderr.isatty()) as bar:
-        results = run_translate(net, tokenizer, lines, search, on_batch=bar.update, source_name=name)
+        results = decode(lines, search, on_batch=bar.update, source_name=name)
     out_lines = []
     for r in results:
         if search.n_best == 1:
@@ -209,11 +253,27 @@ def translate(
 # --- eval -----------------------------------------------------------------------------------
 
 def _evaluate_model(run_dir: Path, src: Path, ref: Path, checkpoint: str, beam: Optional[int],
-                    int8: Optional[bool] = None) -> dict:
+                    int8: Optional[bool] = None, stop: Optional[str] = None) -> dict:
     from nmt.evaluate import evaluate_run
     from nmt.train import pick_device
 
-    return evaluate_run(run_dir, src, ref, checkpoint, beam, pick_device(), int8)
+    return evaluate_run(run_dir, src, ref, checkpoint, beam, pick_device(), int8, stop)
+
+
+def _sweep(run_dir: Path, items: list[str], src: Optional[Path], ref: Optional[Path], checkpoint: str,
+           int8: Optional[bool], save: bool, **fixed) -> None:
+    from nmt.checkpoint import SEARCH_FILE
+    from nmt.evaluate import parse_sweep, sweep_run, sweep_table
+    from nmt.train import pick_device
+
+    _check_counts(beam=fixed.get("beam"))
+    fixed = {k: v for k, v in fixed.items() if v is not None}
+    rows = sweep_run(run_dir, parse_sweep(items), src, ref, checkpoint, pick_device(), fixed, save, int8)
+    typer.echo(sweep_table(rows))
+    best = max(rows, key=lambda r: r.bleu)
+    setting = " ".join(f"{k}={v}" for k, v in best.setting.items())
+    saved = f"; saved in {run_dir / SEARCH_FILE}" if save else ""
+    typer.echo(f"best: {setting} (BLEU {best.bleu:.2f}, BP {best.bp:.3f}){saved}")
 
 
 @app.command("eval")
@@ -232,17 +292,28 @@ def eval_(
     beam: Annotated[Optional[int], typer.Option(help="With --model: beam size.")] = None,
     int8: Annotated[Optional[bool], typer.Option(
         "--int8/--no-int8", help="With --model: decode with an int8 copy, CPU only (default: the recipe's).")] = None,
+    stop: Annotated[Optional[str], typer.Option(
+        help="With --model: beam search stopping rule, standard or exact.")] = None,
+    sweep: Annotated[Optional[list[str]], typer.Option(
+        help="With --model: translate once per setting and print BLEU and BP of each, e.g. --sweep "
+             "length_penalty=0.6,1.0,1.4 (repeat for a grid); --src/--ref default to the valid split.")] = None,
+    save: Annotated[bool, typer.Option(help="With --sweep: write the best setting to RUN/search.yaml.")] = False,
 ):
     """Score translations with sacreBLEU, or translate and score in one go with --model."""
     from nmt.data import read_lines
     from nmt.evaluate import bleu, chrf, report
 
+    if sweep or save:
+        if model is None or not sweep:
+            raise NmtError("--sweep needs --model (the run to tune) and --save needs --sweep")
+        _sweep(model, sweep, src, ref, checkpoint, int8, save, beam=beam, stop=stop)
+        return
     if ref is None:
         raise NmtError("--ref is required: the reference translations")
     if model is not None:
         if src is None:
             raise NmtError("--model needs --src, the source text to translate")
-        result = _evaluate_model(model, src, ref, checkpoint, beam, int8)
+        result = _evaluate_model(model, src, ref, checkpoint, beam, int8, stop)
         typer.echo(result["BLEU"]["line"])
         typer.echo(result["chrF2"]["line"])
         typer.echo(f"decoded {result['sentences']} sentences in {result['decode_seconds']:.1f} s "
@@ -347,6 +418,31 @@ def average(
                        "(set train.keep_last)")
     checkpoint.save(checkpoint.average(paths), run / "averaged.pt")
     typer.echo(f"{run / 'averaged.pt'}: mean of {', '.join(p.name for p in paths)}")
+
+
+# --- export ---------------------------------------------------------------------------------
+
+@app.command()
+@user_errors
+def export(
+    run: Annotated[Path, typer.Argument(help="Run directory written by nmt train (a Transformer).")],
+    out: Annotated[Path, typer.Argument(help="Directory to write the exported model to.")],
+    to: Annotated[str, typer.Option(help="Format to export to: ctranslate2.")],
+    checkpoint: Annotated[str, typer.Option(help="best, last, averaged, or a checkpoint path.")] = "best",
+    quantization: Annotated[Optional[str], typer.Option(
+        help="Store the weights as int8, int8_float32, int16, float16, bfloat16... (default: float32).")] = None,
+    force: Annotated[bool, typer.Option(help="Replace an earlier export in OUT.")] = False,
+):
+    """Export a trained Transformer for CTranslate2, with its spm.model and search settings.
+
+    Decode it with `nmt translate --engine ctranslate2 --model OUT`, or with CTranslate2 itself.
+    """
+    from nmt.export import export_ctranslate2
+
+    if to != "ctranslate2":
+        raise NmtError(f"--to {to}: nmt exports to ctranslate2 only")
+    settings = export_ctranslate2(run, out, checkpoint, quantization, force)
+    typer.echo(f"{out}: CTranslate2 model ({settings['quantization']}) of {settings['checkpoint']}")
 
 
 def main() -> None:

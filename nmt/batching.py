@@ -4,17 +4,32 @@ The budget counts padded tokens: a batch of n pairs whose longest side is L toke
 (with BOS/EOS) costs n * L. Pairs are sorted by length with a random tie-break drawn
 from the seed, cut into batches, and the batch order is shuffled with ``seed + epoch``,
 so the order of any epoch can be rebuilt exactly (resume needs nothing else).
+
+Batches are made from two length arrays with numpy, so a corpus of millions of pairs
+needs no Python object per pair: an epoch is three integer arrays (``BatchOrder``). The
+random numbers are drawn from the same Mersenne Twister stream, in the same order, as
+the earlier pure-Python batcher, so every epoch's batches are the same as before.
+
+One batcher serves both corpora: the in-memory ``nmt.data.Parallel`` (lists of ids)
+and the memory-mapped ``nmt.prepare.PreparedCorpus`` (flat id arrays); ``lengths``
+gives the length arrays of either, and ``collate`` pads either.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Union
 
+import numpy as np
 import torch
 
 from nmt.data import Parallel
+from nmt.prepare import PreparedCorpus, TokenArray
 from nmt.tokenizer import BOS, EOS, PAD
+
+Corpus = Union[Parallel, PreparedCorpus]
 
 
 @dataclass
@@ -30,6 +45,36 @@ class Batch:
                      self.tgt_out.to(device), self.ntokens)
 
 
+# --- lengths and padding, for either kind of corpus -----------------------------------------
+
+def lengths(data: Corpus) -> tuple[np.ndarray, np.ndarray]:
+    """Subword ids per pair on each side (without BOS/EOS), as two int64 arrays of len(data)."""
+    if isinstance(data, PreparedCorpus):
+        return data.src_lens.astype(np.int64), data.tgt_lens.astype(np.int64)
+    return (np.fromiter(map(len, data.src), np.int64, len(data.src)),
+            np.fromiter(map(len, data.tgt), np.int64, len(data.tgt)))
+
+
+def _side_lengths(side: Sequence, idx: np.ndarray) -> np.ndarray:
+    if isinstance(side, TokenArray):
+        return side.lens[idx].astype(np.int64)
+    return np.array([len(side[i]) for i in idx], dtype=np.int64)
+
+
+def _padded(side: Sequence, idx: np.ndarray, lens: np.ndarray, width: int) -> np.ndarray:
+    """(B, width) ids of the pairs ``idx`` on one side, PAD after each row's ``lens``."""
+    if isinstance(side, TokenArray):
+        # Gather straight from the mapped flat array: only the rows' own pages are read.
+        cols = np.arange(width)
+        inside = cols[None, :] < lens[:, None]  # (B, width)
+        where = np.where(inside, side.offsets[idx][:, None] + cols[None, :], 0)
+        return np.where(inside, side.tokens[where], PAD).astype(np.int64)
+    out = np.full((len(idx), width), PAD, dtype=np.int64)
+    for row, i in enumerate(idx):
+        out[row, : lens[row]] = side[i]
+    return out
+
+
 def pad_batch(seqs: list[list[int]], prefix: list[int] = (), suffix: list[int] = ()) -> torch.Tensor:
     width = max(len(s) for s in seqs) + len(prefix) + len(suffix)
     out = torch.full((len(seqs), width), PAD, dtype=torch.long)
@@ -39,68 +84,131 @@ def pad_batch(seqs: list[list[int]], prefix: list[int] = (), suffix: list[int] =
     return out
 
 
-def collate(data: Parallel, indices: list[int]) -> Batch:
-    # Longest source first: what packed LSTM sequences want, harmless for the rest.
-    indices = sorted(indices, key=lambda i: -len(data.src[i]))
-    src = [data.src[i] for i in indices]
-    tgt = [data.tgt[i] for i in indices]
-    tgt_out = pad_batch(tgt, suffix=[EOS])
+def collate(data: Corpus, indices: Sequence[int] | np.ndarray) -> Batch:
+    """The padded tensors of the pairs ``indices``, longest source first."""
+    idx = np.asarray(indices, dtype=np.int64)
+    src_lens = _side_lengths(data.src, idx)
+    # Longest source first (stable, as sorted() was): what packed LSTM sequences want.
+    order = np.argsort(-src_lens, kind="stable")
+    idx, src_lens = idx[order], src_lens[order]
+    tgt_lens = _side_lengths(data.tgt, idx)
+    rows = np.arange(len(idx))
+    src = _padded(data.src, idx, src_lens, int(src_lens.max()) + 1)  # (B, S)
+    src[rows, src_lens] = EOS
+    tgt = _padded(data.tgt, idx, tgt_lens, int(tgt_lens.max()) + 1)  # (B, T): ids, then PAD
+    tgt_in = np.concatenate([np.full((len(idx), 1), BOS), tgt[:, :-1]], axis=1)  # (B, T)
+    tgt[rows, tgt_lens] = EOS
     return Batch(
-        src=pad_batch(src, suffix=[EOS]),
-        src_lens=torch.tensor([len(s) + 1 for s in src], dtype=torch.long),
-        tgt_in=pad_batch(tgt, prefix=[BOS]),
-        tgt_out=tgt_out,
-        ntokens=int((tgt_out != PAD).sum()),
+        src=torch.from_numpy(src),
+        src_lens=torch.from_numpy(src_lens + 1),
+        tgt_in=torch.from_numpy(tgt_in),
+        tgt_out=torch.from_numpy(tgt),
+        ntokens=int(tgt_lens.sum()) + len(idx),
     )
 
 
-def make_batches(src_lens: list[int], tgt_lens: list[int], max_tokens: int, seed: int,
-                 epoch: int) -> list[list[int]]:
-    """All batches of one epoch, in training order, as lists of pair indices.
+# --- one epoch's batches ---------------------------------------------------------------------
+
+class BatchOrder(Sequence):
+    """Batches in training order, each an int64 array of pair indices.
+
+    ``pairs`` holds every pair sorted by length, ``starts`` where each batch begins in it
+    (one more entry than there are batches), and ``order`` the batch numbers in training
+    order. Slicing gives another ``BatchOrder``, so sharding and taking a group of
+    micro-batches cost no copy of the pairs.
+    """
+
+    def __init__(self, pairs: np.ndarray, starts: np.ndarray, order: np.ndarray):
+        self.pairs, self.starts, self.order = pairs, starts, order
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return BatchOrder(self.pairs, self.starts, self.order[k])
+        b = self.order[k]
+        return self.pairs[self.starts[b] : self.starts[b + 1]]
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return (self[k] for k in range(len(self)))
+
+    def tolist(self) -> list[list[int]]:
+        return [batch.tolist() for batch in self]
+
+
+def _mersenne(seed: int) -> np.random.RandomState:
+    """numpy's view of ``random.Random(seed)``: the same generator state, so the same draws."""
+    state = random.Random(seed).getstate()[1]
+    rs = np.random.RandomState()
+    rs.set_state(("MT19937", np.array(state[:-1], dtype=np.uint32), state[-1]))
+    return rs
+
+
+def _python_random(rs: np.random.RandomState) -> random.Random:
+    """The reverse of ``_mersenne``: a ``random.Random`` that continues ``rs``'s stream."""
+    _, key, pos, *_ = rs.get_state()
+    rng = random.Random()
+    rng.setstate((3, (*(int(x) for x in key), int(pos)), None))
+    return rng
+
+
+def _cut(cost: np.ndarray, max_tokens: int) -> np.ndarray:
+    """Where each batch starts in ``cost`` (ascending): greedy, while n * longest <= budget.
+
+    Since the costs only grow, a batch from ``s`` takes pairs while ``cost[j] * (j - s + 1)``
+    stays in the budget; each batch looks at no more pairs than the budget allows.
+    """
+    n = len(cost)
+    starts = [0]
+    s = 0
+    while s < n:
+        window = min(n - s, max(1, max_tokens // int(cost[s])))
+        fits = cost[s : s + window] * np.arange(1, window + 1) <= max_tokens
+        size = window if fits.all() else max(1, int(np.argmin(fits)))  # a too-long pair goes alone
+        s += size
+        starts.append(s)
+    return np.array(starts, dtype=np.int64)
+
+
+def make_batches(src_lens: Sequence[int] | np.ndarray, tgt_lens: Sequence[int] | np.ndarray,
+                 max_tokens: int, seed: int, epoch: int) -> BatchOrder:
+    """All batches of one epoch, in training order.
 
     ``src_lens``/``tgt_lens`` count the tokens a pair takes in a batch (with EOS/BOS).
     """
-    rng = random.Random(seed * 100_003 + epoch)
-    cost = [max(s, t) for s, t in zip(src_lens, tgt_lens)]
-    ties = [rng.random() for _ in cost]
-    order = sorted(range(len(cost)), key=lambda i: (cost[i], src_lens[i], ties[i]))
-    batches: list[list[int]] = []
-    current: list[int] = []
-    longest = 0
-    for i in order:
-        new_longest = max(longest, cost[i])
-        if current and new_longest * (len(current) + 1) > max_tokens:
-            batches.append(current)
-            current, new_longest = [], cost[i]
-        current.append(i)
-        longest = new_longest
-    if current:
-        batches.append(current)
-    rng.shuffle(batches)
-    return batches
+    src = np.asarray(src_lens, dtype=np.int64)
+    cost = np.maximum(src, np.asarray(tgt_lens, dtype=np.int64))
+    rs = _mersenne(seed * 100_003 + epoch)
+    ties = rs.random_sample(len(cost))
+    pairs = np.lexsort((ties, src, cost))  # by cost, then source length, then the random tie
+    starts = _cut(cost[pairs], max_tokens)
+    order = list(range(len(starts) - 1))
+    _python_random(rs).shuffle(order)  # Python's shuffle: the same order the list batcher had
+    return BatchOrder(pairs, starts, np.array(order, dtype=np.int64))
 
 
-def shard(batches: list[list[int]], rank: int, world_size: int) -> list[list[int]]:
+def shard(batches: BatchOrder | list, rank: int, world_size: int) -> BatchOrder | list:
     """This rank's batches; every rank gets the same number (the last few are dropped)."""
     usable = len(batches) - len(batches) % world_size
     return batches[rank:usable:world_size]
 
 
 class EpochBatches:
-    """The batches a rank trains on, epoch after epoch."""
+    """The batches a rank trains on, epoch after epoch, from either kind of corpus."""
 
-    def __init__(self, data: Parallel, max_tokens: int, seed: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, data: Corpus, max_tokens: int, seed: int, rank: int = 0, world_size: int = 1):
         self.data = data
         self.max_tokens = max_tokens
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
-        self._src_lens = [len(s) + 1 for s in data.src]
-        self._tgt_lens = [len(t) + 1 for t in data.tgt]
+        src, tgt = lengths(data)
+        self._src_lens, self._tgt_lens = src + 1, tgt + 1  # with EOS / BOS
 
-    def epoch(self, epoch: int) -> list[list[int]]:
+    def epoch(self, epoch: int) -> BatchOrder:
         batches = make_batches(self._src_lens, self._tgt_lens, self.max_tokens, self.seed, epoch)
         return shard(batches, self.rank, self.world_size)
 
-    def collate(self, indices: list[int]) -> Batch:
+    def collate(self, indices: Sequence[int] | np.ndarray) -> Batch:
         return collate(self.data, indices)

@@ -50,8 +50,11 @@ def file_sha256(path: Path) -> str:
 
 
 def train_tokenizer(lines: Iterable[str], out_dir: Path, vocab_size: int, model_type: str = "unigram",
-                    seed: int = 1, max_sentences: int = 2_000_000) -> Tokenizer:
-    """Train a joint model on ``lines`` (both languages) and write ``out_dir/spm.model``."""
+                    seed: int = 1, max_sentences: int = 2_000_000, threads: int = 2) -> Tokenizer:
+    """Train a joint model on ``lines`` (both languages) and write ``out_dir/spm.model``.
+
+    ``threads`` are SentencePiece's own C++ threads (nmt prepare gives it every core).
+    """
     sample = [line for line in lines if line]
     if len(sample) > max_sentences:
         sample = random.Random(seed).sample(sample, max_sentences)
@@ -71,7 +74,7 @@ def train_tokenizer(lines: Iterable[str], out_dir: Path, vocab_size: int, model_
             pad_id=PAD, unk_id=UNK, bos_id=BOS, eos_id=EOS,
             input_sentence_size=max_sentences,
             shuffle_input_sentence=False,
-            num_threads=2,
+            num_threads=threads,
             minloglevel=2,
         )
     except RuntimeError as e:

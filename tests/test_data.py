@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import stat
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from nmt.batching import EpochBatches, collate, make_batches, shard
@@ -128,6 +130,29 @@ def test_checkpoint_rename_is_made_durable(tmp_path: Path, monkeypatch) -> None:
 
 # --- batching
 
+def list_batches(src_lens: list[int], tgt_lens: list[int], max_tokens: int, seed: int,
+                 epoch: int) -> list[list[int]]:
+    """The batcher as it was written with Python lists: the order numpy must keep."""
+    rng = random.Random(seed * 100_003 + epoch)
+    cost = [max(s, t) for s, t in zip(src_lens, tgt_lens)]
+    ties = [rng.random() for _ in cost]
+    order = sorted(range(len(cost)), key=lambda i: (cost[i], src_lens[i], ties[i]))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for i in order:
+        new_longest = max(longest, cost[i])
+        if current and new_longest * (len(current) + 1) > max_tokens:
+            batches.append(current)
+            current, new_longest = [], cost[i]
+        current.append(i)
+        longest = new_longest
+    if current:
+        batches.append(current)
+    rng.shuffle(batches)
+    return batches
+
+
 def test_batches_respect_padded_budget_and_cover_every_pair_once() -> None:
     src = [3 + (i * 7) % 40 for i in range(500)]
     tgt = [2 + (i * 5) % 45 for i in range(500)]
@@ -137,12 +162,20 @@ def test_batches_respect_padded_budget_and_cover_every_pair_once() -> None:
         assert len(b) * max(max(src[i], tgt[i]) for i in b) <= 300
 
 
+@pytest.mark.parametrize("seed,epoch,max_tokens", [(1, 1, 300), (7, 4, 64), (3, 2, 4096), (100_000, 1, 50)])
+def test_numpy_batches_are_the_list_batches(seed: int, epoch: int, max_tokens: int) -> None:
+    rng = random.Random(seed)
+    src = [rng.randint(2, 60) for _ in range(3000)]  # some pairs longer than a budget of 50
+    tgt = [rng.randint(2, 60) for _ in range(3000)]
+    assert make_batches(src, tgt, max_tokens, seed, epoch).tolist() == list_batches(src, tgt, max_tokens, seed, epoch)
+
+
 def test_batch_order_deterministic_per_epoch_and_reshuffled() -> None:
     lens = [5 + i % 30 for i in range(400)]
-    first = make_batches(lens, lens, 256, seed=7, epoch=1)
-    assert first == make_batches(lens, lens, 256, seed=7, epoch=1)
-    assert first != make_batches(lens, lens, 256, seed=7, epoch=2)
-    assert first != make_batches(lens, lens, 256, seed=8, epoch=1)
+    first = make_batches(lens, lens, 256, seed=7, epoch=1).tolist()
+    assert first == make_batches(np.array(lens), np.array(lens), 256, seed=7, epoch=1).tolist()
+    assert first != make_batches(lens, lens, 256, seed=7, epoch=2).tolist()
+    assert first != make_batches(lens, lens, 256, seed=8, epoch=1).tolist()
 
 
 def test_shards_are_disjoint_and_equal_in_number() -> None:
@@ -151,6 +184,16 @@ def test_shards_are_disjoint_and_equal_in_number() -> None:
     assert [len(s) for s in shards] == [3, 3, 3]
     flat = [i for s in shards for b in s for i in b]
     assert len(flat) == len(set(flat)) == 9
+
+
+def test_numpy_shards_split_one_epoch_without_overlap() -> None:
+    lens = [4 + i % 23 for i in range(1000)]
+    epoch = make_batches(lens, lens, 200, seed=2, epoch=5)
+    shards = [shard(epoch, r, 3) for r in range(3)]
+    assert len({len(s) for s in shards}) == 1 and len(shards[0]) == len(epoch) // 3
+    seen = [i for s in shards for b in s for i in b.tolist()]
+    assert len(seen) == len(set(seen))
+    assert sorted(b.tolist() for s in shards for b in s) == sorted(epoch[: 3 * len(shards[0])].tolist())
 
 
 def test_collate_adds_bos_eos_and_counts_target_tokens(corpus, tokenizer) -> None:
