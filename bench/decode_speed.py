@@ -1,17 +1,24 @@
 """Decoding speed: sentences/s and output tokens/s at beam 5 and greedy.
 
     python bench/decode_speed.py runs/multi30k-transformer [--src FILE] [--ref FILE]
-        [--checkpoint best] [--beams 5 1] [--repeats 3] [--int8]
+        [--checkpoint best] [--beams 5 1] [--repeats 3] [--int8] [--stop standard exact]
 
 Translates the run's test split (or --src) several times per beam size and prints the
 median sentences/s and output subword tokens/s, with BLEU against --ref (or the run's
 test references), so a speed figure always comes with the quality it was measured at.
+With --stop, each beam size runs under each stopping rule, and the decoder steps (calls of
+the model's ``step``) and the rows they decoded are printed: the cost of the exact rule.
+With --ctranslate2 float32 int8, the run is also exported to CTranslate2 (a temporary
+directory) and the same lines are decoded by it, in each compute type, at each beam size.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,6 +44,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--int8", action="store_true", help="decode with the int8 copy of the model (CPU)")
+    parser.add_argument("--stop", nargs="+", choices=["standard", "exact"],
+                        help="beam search stopping rules to compare (default: the run's)")
+    parser.add_argument("--ctranslate2", nargs="+", choices=["float32", "int8"],
+                        help="also decode with the run exported to CTranslate2, in these compute types")
     args = parser.parse_args()
 
     if args.threads:
@@ -50,9 +61,21 @@ def main() -> None:
     precision = "int8" if args.int8 else "float32"
     print(f"model: {cfg.model.kind} from {args.run} ({args.checkpoint}, {precision}); "
           f"{len(lines)} sentences of {src_path}")
-    for beam in args.beams:
-        search = config.SearchConfig(**{**vars(cfg.search), "beam": beam, "n_best": 1})
+    calls = [0, 0]  # decoder steps, rows decoded
+    step = model.step
+
+    def counted_step(tokens, *rest, **kwargs):
+        calls[0], calls[1] = calls[0] + 1, calls[1] + len(tokens)
+        return step(tokens, *rest, **kwargs)
+
+    model.step = counted_step
+    stops = args.stop or [cfg.search.stop]
+    for beam, stop in itertools.product(args.beams, stops):
+        if beam == 1 and stop != stops[0]:
+            continue  # greedy search has no stopping rule
+        search = dataclasses.replace(cfg.search, beam=beam, n_best=1, stop=stop)
         times, out_tokens, hyps = [], 0, []
+        calls[:] = [0, 0]
         for _ in range(args.repeats):
             start = time.perf_counter()
             results = translate(model, tokenizer, lines, search)
@@ -61,8 +84,34 @@ def main() -> None:
             hyps = [r.texts[0] for r in results]
         t = median(times)
         quality = f", BLEU {bleu(hyps, refs).score:.2f}" if refs else ""
-        print(f"beam {beam}: {len(lines) / t:,.1f} sentences/s, {out_tokens / t:,.0f} output tokens/s "
-              f"(median of {args.repeats}: {t:.2f} s{quality})")
+        steps = f", {calls[0] / args.repeats:,.0f} decoder steps of {calls[1] / max(calls[0], 1):,.1f} rows"
+        print(f"beam {beam} ({stop} stop): {len(lines) / t:,.1f} sentences/s, {out_tokens / t:,.0f} output tokens/s "
+              f"(median of {args.repeats}: {t:.2f} s{quality}{steps})")
+    if args.ctranslate2:
+        ctranslate2_rows(args, cfg.search, lines, refs)
+
+
+def ctranslate2_rows(args: argparse.Namespace, search: config.SearchConfig, lines: list[str],
+                     refs: list[str] | None) -> None:
+    """The same lines decoded by the run exported to CTranslate2, per compute type and beam."""
+    from nmt.export import ExportedModel, export_ctranslate2
+
+    with tempfile.TemporaryDirectory() as tmp:
+        export_ctranslate2(args.run, Path(tmp) / "ct2", args.checkpoint)
+        for compute_type in args.ctranslate2:
+            engine = ExportedModel(Path(tmp) / "ct2", device="cpu", compute_type=compute_type)
+            for beam in args.beams:
+                cfg = dataclasses.replace(search, beam=beam, n_best=1, stop="standard")
+                times = []
+                for _ in range(args.repeats):
+                    start = time.perf_counter()
+                    results = engine.translate(lines, cfg)
+                    times.append(time.perf_counter() - start)
+                t = median(times)
+                out_tokens = sum(len(r.hypotheses[0].tokens) + 1 for r in results if r.hypotheses)
+                quality = f", BLEU {bleu([r.texts[0] for r in results], refs).score:.2f}" if refs else ""
+                print(f"ctranslate2 {compute_type} beam {beam}: {len(lines) / t:,.1f} sentences/s, "
+                      f"{out_tokens / t:,.0f} output tokens/s (median of {args.repeats}: {t:.2f} s{quality})")
 
 
 if __name__ == "__main__":
