@@ -207,7 +207,7 @@ def translate(
              "(an empty line out); the last two warn with the line number.")] = "error",
     engine: Annotated[str, typer.Option(
         help="nmt, or ctranslate2: --model is then a directory written by nmt export, decoded by "
-             "CTranslate2 in the precision it was exported in.")] = "nmt",
+             "CTranslate2 in the precision it was exported in (--checkpoint, --int8 do not apply).")] = "nmt",
 ):
     """Translate lines from stdin (or --input) to stdout: N lines in, N lines out, in order."""
     from nmt.checkpoint import load_run

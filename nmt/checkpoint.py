@@ -15,11 +15,14 @@ import pickle
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from nmt.errors import NmtError
+
+if TYPE_CHECKING:
+    from nmt.config import Config
 
 FORMAT = "nmt-checkpoint"
 VERSION = 1
@@ -120,9 +123,46 @@ def resolve(run_dir: Path, which: str = "best") -> Path:
     return Path(which)
 
 
+SEARCH_FILE = "search.yaml"  # search settings chosen after training (nmt eval --sweep --save)
+_FIX_SEARCH_FILE = "fix it, or delete it to decode with the search settings of the training recipe"
+
+
+def read_search_file(run_dir: Path) -> dict[str, Any]:
+    """The keys and values of ``run_dir/search.yaml``, or {} if there is none."""
+    import yaml
+
+    path = Path(run_dir) / SEARCH_FILE
+    if not path.is_file():
+        return {}
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise NmtError(f"{path}: not valid YAML ({reason}); {_FIX_SEARCH_FILE}") from None
+    if not isinstance(values, dict | None):
+        raise NmtError(f"{path}: expected search keys and values (e.g. 'length_penalty: 1.0'), "
+                       f"got {values!r}; {_FIX_SEARCH_FILE}")
+    return values or {}
+
+
+def apply_search_file(cfg: Config, run_dir: Path) -> Config:
+    """``cfg`` with the search settings of ``run_dir/search.yaml`` over its own."""
+    from nmt import config
+
+    values = read_search_file(run_dir)
+    if not values:
+        return cfg
+    try:
+        return config.with_search(cfg, values)
+    except NmtError as e:
+        raise NmtError(f"{Path(run_dir) / SEARCH_FILE}: {e}; {_FIX_SEARCH_FILE}") from None
+
+
 def load_run(run_dir: Path, which: str = "best", device: str | torch.device = "cpu",
              int8: bool | None = None):
     """(config, tokenizer, model in eval mode) of a run directory.
+
+    ``run_dir/search.yaml``, when there is one, overrides the checkpoint's search settings.
 
     ``int8``: decode with an int8 copy of the model (CPU only); None follows the config's
     ``search.int8`` where it can run, on the CPU. The returned ``cfg.search.int8`` says which.
@@ -141,6 +181,7 @@ def load_run(run_dir: Path, which: str = "best", device: str | torch.device = "c
     path = resolve(run_dir, which)
     state = load(path, tokenizer.sha256())
     cfg = config.from_dict(state["config"])
+    cfg = apply_search_file(cfg, run_dir)
     if state.get("model_kind") not in MODELS or state["model_kind"] != cfg.model.kind:
         raise NmtError(f"{path}: unknown model kind {state.get('model_kind')!r}; "
                        f"this nmt knows {', '.join(MODELS)}")

@@ -6,11 +6,15 @@ reports is the number the sacrebleu command line gives on the same files.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import yaml
 from sacrebleu.metrics import BLEU, CHRF
 
 from nmt.errors import NmtError
@@ -69,13 +73,12 @@ def report(scores: list[Score], as_json: bool, width: int = 1) -> str:
 
 
 def evaluate_run(run_dir: Path, src: Path, ref: Path, checkpoint: str = "best", beam: int | None = None,
-                 device: str = "cpu", int8: bool | None = None) -> dict:
+                 device: str = "cpu", int8: bool | None = None, stop: str | None = None) -> dict:
     """Translate ``src`` with a run's model, score against ``ref``, save both in ``run_dir/eval``.
 
     ``int8``: decode with the int8 model (None: the run's ``search.int8``), see ``load_run``.
     """
     from nmt.checkpoint import fingerprint, load_run, resolve
-    from nmt.config import SearchConfig
     from nmt.data import read_parallel
     from nmt.tokenizer import file_sha256
     from nmt.translate import translate_text
@@ -84,7 +87,8 @@ def evaluate_run(run_dir: Path, src: Path, ref: Path, checkpoint: str = "best", 
         raise NmtError(f"--beam {beam}: the beam size must be at least 1 (1 is greedy search)")
     cfg, tokenizer, net = load_run(run_dir, checkpoint, device, int8)
     used = fingerprint(resolve(run_dir, checkpoint))  # which weights, should best.pt change later
-    search = SearchConfig(**{**vars(cfg.search), "n_best": 1, **({"beam": beam} if beam is not None else {})})
+    search = dataclasses.replace(cfg.search, n_best=1, **{k: v for k, v in [("beam", beam), ("stop", stop)]
+                                                         if v is not None})
     lines, refs = read_parallel(src, ref)
     start = time.perf_counter()
     hyps = translate_text(net, tokenizer, lines, search)
@@ -95,10 +99,111 @@ def evaluate_run(run_dir: Path, src: Path, ref: Path, checkpoint: str = "best", 
                   checkpoint=checkpoint, checkpoint_step=used["step"], checkpoint_sha256=used["sha256"],
                   beam=search.beam, int8=cfg.search.int8, sentences=len(lines), decode_seconds=seconds,
                   sentences_per_s=len(lines) / max(seconds, 1e-9))
+    result["search"] = dataclasses.asdict(search)  # the settings used, search.yaml included
     out_dir = Path(run_dir) / "eval"
     out_dir.mkdir(exist_ok=True)
     tag = checkpoint if checkpoint in ("best", "last", "averaged") else "ckpt"
     stem = f"{Path(src).name}.{tag}.beam{search.beam}{'.int8' if cfg.search.int8 else ''}"
+    stem += ".exact" if search.stop == "exact" else ""
     (out_dir / f"{stem}.hyp").write_text("".join(f"{h}\n" for h in hyps), encoding="utf-8")
     (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
     return result
+
+
+# --- choosing search settings on a validation set ----------------------------------------------
+
+# Search keys a sweep may vary: those only the search reads (not batching, not the n-best size).
+SWEEP_KEYS = ("beam", "length_penalty", "coverage_penalty", "max_len_a", "max_len_b", "min_len", "stop")
+
+
+def parse_sweep(items: list[str]) -> dict[str, list[Any]]:
+    """``["length_penalty=0.6,1.0", "coverage_penalty=0,0.2"]`` -> {key: [values]}, in order."""
+    grid: dict[str, list[Any]] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip().removeprefix("search.")
+        if not sep or not text.strip():
+            raise NmtError(f"--sweep {item!r}: expected KEY=V1,V2,... (e.g. length_penalty=0.6,1.0,1.4)")
+        if key not in SWEEP_KEYS:
+            raise NmtError(f"--sweep {item!r}: {key} is not a search key to sweep; "
+                           f"choose from {', '.join(SWEEP_KEYS)}")
+        if key in grid:
+            raise NmtError(f"--sweep {key} is given twice; list all its values in one --sweep")
+        values = [yaml.safe_load(v) for v in text.split(",")]
+        grid[key] = [_float_or(v) for v in values]
+    return grid
+
+
+def _float_or(value: Any) -> Any:
+    # YAML 1.1 reads 1e-4 as a string; a sweep means the number.
+    try:
+        return float(value) if isinstance(value, str) else value
+    except ValueError:
+        return value
+
+
+@dataclass
+class SweepRow:
+    setting: dict[str, Any]  # the swept keys and their values
+    bleu: float
+    bp: float  # BLEU's brevity penalty
+    length_ratio: float  # hypothesis length / reference length (sacreBLEU's tokens)
+    seconds: float  # spent searching; the encoder runs once for all settings
+
+
+def sweep_run(run_dir: Path, grid: dict[str, list[Any]], src: Path | None = None, ref: Path | None = None,
+              checkpoint: str = "best", device: str = "cpu", fixed: dict[str, Any] | None = None,
+              save: bool = False, int8: bool | None = None) -> list[SweepRow]:
+    """Translate ``src`` once per combination of ``grid`` values and score each against ``ref``.
+
+    ``src``/``ref`` default to the run's valid split; ``fixed`` search keys (say, a beam
+    given on the command line) hold for every setting. The encoder output of each batch is
+    computed once and searched under every setting. With ``save``, the best setting (highest
+    BLEU, the first among equals) and ``fixed`` go into ``run_dir/search.yaml``, which
+    ``load_run`` applies from then on.
+    """
+    from nmt import checkpoint as checkpoints
+    from nmt import config
+    from nmt.data import read_parallel
+    from nmt.translate import translate_each
+
+    cfg, tokenizer, net = checkpoints.load_run(run_dir, checkpoint, device, int8)
+    if src is None or ref is None:
+        valid_src, valid_ref = config.split_paths(cfg.data, "valid")
+        src, ref = src or valid_src, ref or valid_ref
+    fixed = fixed or {}
+    settings = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+    cfgs = []
+    for setting in settings:
+        try:
+            cfgs.append(config.with_search(cfg, {**fixed, **setting, "n_best": 1}).search)
+        except NmtError as e:
+            raise NmtError(f"--sweep {_describe(setting)}: {e}") from None
+    lines, refs = read_parallel(src, ref)
+    rows = []
+    for setting, decoding in zip(settings, translate_each(net, tokenizer, lines, cfgs, source_name=str(src))):
+        result = BLEU().corpus_score([t.texts[0] for t in decoding.translations], [refs])
+        rows.append(SweepRow(setting, result.score, result.bp, result.sys_len / max(result.ref_len, 1),
+                             decoding.seconds))
+    if save:
+        best = max(rows, key=lambda r: r.bleu)
+        values = {**checkpoints.read_search_file(run_dir), **fixed, **best.setting}
+        header = (f"# Chosen by nmt eval --sweep on {src} ({len(lines)} sentences, checkpoint {checkpoint}): "
+                  f"BLEU {best.bleu:.2f}, BP {best.bp:.3f}\n")
+        text = header + yaml.safe_dump(values, sort_keys=False)
+        (Path(run_dir) / checkpoints.SEARCH_FILE).write_text(text, encoding="utf-8")
+    return rows
+
+
+def _describe(setting: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v}" for k, v in setting.items())
+
+
+def sweep_table(rows: list[SweepRow]) -> str:
+    """One line per setting: its values, BLEU, brevity penalty, length ratio and search time."""
+    keys = list(rows[0].setting)
+    head = [*keys, "BLEU", "BP", "hyp/ref", "search_s"]
+    body = [[*(str(r.setting[k]) for k in keys), f"{r.bleu:.2f}", f"{r.bp:.3f}", f"{r.length_ratio:.3f}",
+             f"{r.seconds:.1f}"] for r in rows]
+    widths = [max(len(line[i]) for line in [head, *body]) for i in range(len(head))]
+    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(line, widths)) for line in [head, *body])
