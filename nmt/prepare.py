@@ -70,6 +70,9 @@ CHUNK_PAIRS = 20_000  # pairs per SentencePiece call: enough to keep its threads
 BLOCK_BYTES = 4 << 20  # bytes read from a file at a time
 EDGE_BYTES = 1 << 20  # a source file's identity hashes this much of its head and of its tail
 LOG_EVERY_S = 30.0  # progress lines when stderr is not a terminal
+# SentencePiece's unigram trainer holds about 24 bytes per character of its input (measured:
+# suffix arrays over the whole text), so its sample is cut to this many characters (~1 GB).
+SENTENCEPIECE_CHARS = 40_000_000
 SIDES = ("src", "tgt")
 ARRAYS = ("src.tokens", "src.offsets", "src.lengths", "tgt.tokens", "tgt.offsets", "tgt.lengths", "lines")
 
@@ -243,12 +246,24 @@ def sample_pairs(src: Path, tgt: Path, k: int, seed: int, progress: bool = False
     return keep_src, keep_tgt, seen
 
 
+def _within_characters(src: list[str], tgt: list[str], limit: int, seed: int) -> tuple[list[str], list[str]]:
+    """A uniform subset of the sampled pairs, in their order, with about ``limit`` characters at most."""
+    chars = sum(map(len, src)) + sum(map(len, tgt))
+    if chars <= limit:
+        return src, tgt
+    keep = np.sort(np.random.default_rng(seed).choice(len(src), int(len(src) * limit / chars), replace=False))
+    log.info("the sample's %s characters would take SentencePiece about %.1f GB; it gets %s of its %s pairs",
+             f"{chars:,}", chars * 24 / 1e9, f"{len(keep):,}", f"{len(src):,}")
+    return [src[i] for i in keep], [tgt[i] for i in keep]
+
+
 def run_tokenizer(cfg: Config, run_dir: Path, progress: bool = False, timings: Timings | None = None) -> Tokenizer:
     """The run's SentencePiece model, where ``nmt train`` looks for it (``run_dir/spm.model``).
 
     The one already there; else a copy of ``tokenizer.reuse``; else one trained now, with
     every core, on ``tokenizer.sample_sentences`` lines per side drawn uniformly from the
-    training files (a corpus that small gives all its lines, as ``nmt train`` would use).
+    training files (a corpus that small gives all its lines, as ``nmt train`` would use),
+    fewer if they hold more than ``SENTENCEPIECE_CHARS`` characters.
     """
     timings = timings or Timings()
     run_dir = Path(run_dir)
@@ -270,6 +285,7 @@ def run_tokenizer(cfg: Config, run_dir: Path, progress: bool = False, timings: T
     src, tgt = config.split_paths(cfg.data, "train")
     start = time.perf_counter()
     src_sample, tgt_sample, pairs = sample_pairs(src, tgt, k, cfg.train.seed, progress)
+    src_sample, tgt_sample = _within_characters(src_sample, tgt_sample, SENTENCEPIECE_CHARS, cfg.train.seed)
     timings.read_sample = time.perf_counter() - start
     log.info("training a joint SentencePiece model (%d pieces) on %s of the %s pairs of %s and %s",
              cfg.tokenizer.vocab_size, f"{len(src_sample):,}", f"{pairs:,}", src.name, tgt.name)
