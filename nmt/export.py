@@ -20,10 +20,13 @@ What the conversion has to get right, since CTranslate2 has its own conventions:
 - nmt's search rules: EOS not before ``min_len`` tokens, ``<unk>``, ``<s>`` and ``<pad>``
   never generated. CTranslate2 removes these tokens before its softmax, so its log-probs
   are renormalized over the rest: a hypothesis scores a little higher there (by the
-  probability mass the model gives these tokens, ~1e-3 per token on a trained model);
-- one ``max_decoding_length`` per call: outputs longer than their own sentence's limit
+  probability the model gives these tokens, ~1e-3 per token on the tests' tiny model), and
+  a near tie between two hypotheses can go the other way;
+- one ``max_decoding_length`` per call: hypotheses that reach their own sentence's limit
   (``nmt.search.max_lengths``) are cut there and scored again with EOS at the cut, which is
-  what nmt's search does at the limit.
+  what nmt's search does at the limit (see ``ExportedModel._candidates``);
+- when more than ``beam`` hypotheses finish at the same step, CTranslate2 keeps ``beam`` of
+  them by its own ranking, nmt by its own: the tail of an n-best list can differ.
 """
 
 from __future__ import annotations
