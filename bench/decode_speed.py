@@ -85,7 +85,8 @@ def main() -> None:
         t = median(times)
         quality = f", BLEU {bleu(hyps, refs).score:.2f}" if refs else ""
         steps = f", {calls[0] / args.repeats:,.0f} decoder steps of {calls[1] / max(calls[0], 1):,.1f} rows"
-        print(f"beam {beam} ({stop} stop): {len(lines) / t:,.1f} sentences/s, {out_tokens / t:,.0f} output tokens/s "
+        label = f"beam {beam}" + (f" ({stop} stop)" if beam > 1 else "")
+        print(f"{label}: {len(lines) / t:,.1f} sentences/s, {out_tokens / t:,.0f} output tokens/s "
               f"(median of {args.repeats}: {t:.2f} s{quality}{steps})")
     if args.ctranslate2:
         ctranslate2_rows(args, cfg.search, lines, refs)

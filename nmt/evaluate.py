@@ -179,6 +179,7 @@ def sweep_run(run_dir: Path, grid: dict[str, list[Any]], src: Path | None = None
             cfgs.append(config.with_search(cfg, {**fixed, **setting, "n_best": 1}).search)
         except NmtError as e:
             raise NmtError(f"--sweep {_describe(setting)}: {e}") from None
+    settings = [{key: getattr(c, key) for key in s} for s, c in zip(settings, cfgs)]  # typed: 0 -> 0.0
     lines, refs = read_parallel(src, ref)
     rows = []
     for setting, decoding in zip(settings, translate_each(net, tokenizer, lines, cfgs, source_name=str(src))):

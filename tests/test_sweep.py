@@ -119,3 +119,18 @@ def test_search_changes_do_not_block_a_resume(run_copy: Path) -> None:
     assert result.exit_code == 0, result.output
     line = one_error_line(run("train", str(run_copy), "--set", "model.ffn=64", "--no-test", "--no-progress"))
     assert "model.ffn" in line
+
+
+def test_translating_under_several_settings_at_once_equals_one_at_a_time(trained_run: Path) -> None:
+    from nmt.checkpoint import load_run
+    from nmt.config import SearchConfig
+    from nmt.translate import translate, translate_each
+
+    _, tokenizer, model = load_run(trained_run)
+    lines = TEXT.splitlines() + [""]
+    cfgs = [SearchConfig(beam=1), SearchConfig(beam=3, n_best=2, length_penalty=2.0),
+            SearchConfig(beam=3, coverage_penalty=0.5, stop="exact")]
+    together = translate_each(model, tokenizer, lines, cfgs)
+    for cfg, decoding in zip(cfgs, together, strict=True):
+        alone = translate(model, tokenizer, lines, cfg)
+        assert [t.texts for t in decoding.translations] == [t.texts for t in alone]
