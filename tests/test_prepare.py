@@ -258,6 +258,14 @@ def test_sample_is_seeded_aligned_and_drawn_from_the_whole_corpus(corpus_dir) ->
     assert sample_pairs(src, tgt, 5000, seed=4)[0] == [line.strip() for line in all_src]
 
 
+def test_sentencepiece_sample_is_cut_to_its_character_budget(corpus_dir) -> None:
+    s, t, _ = sample_pairs(corpus_dir / "train.en", corpus_dir / "train.de", 3000, seed=1)
+    assert prep._within_characters(s, t, 10**9, seed=1) == (s, t)
+    cut_s, cut_t = prep._within_characters(s, t, 20_000, seed=1)
+    assert 17_000 < sum(map(len, cut_s)) + sum(map(len, cut_t)) < 23_000
+    assert set(zip(cut_s, cut_t)) <= set(zip(s, t))  # pairs kept whole
+
+
 def test_small_corpus_trains_the_tokenizer_nmt_train_would(corpus_dir, tmp_path) -> None:
     from nmt import config
 
