@@ -270,7 +270,7 @@ def _validate(cfg: Config) -> None:
     for key, value, ok, valid in [*_data_checks(cfg), *_model_checks(cfg.model), *_train_checks(cfg.train),
                                   *_search_checks(cfg.search)]:
         if not ok:
-            raise NmtError(f"recipe key {key}: {value!r} is out of range; {valid}")
+            raise NmtError(f"recipe key {key} {valid}; got {value!r}")
 
 
 def _data_checks(cfg: Config) -> list[Check]:

@@ -237,8 +237,8 @@ def test_train_unknown_key_is_one_line(tmp_path: Path, corpus: Path) -> None:
 @pytest.mark.parametrize("text, expected", [
     ("model: 3\n", "recipe section model: expected a mapping of keys, got 3"),
     ("", "empty recipe"),
-    ("model:\n  kind: gnmt\n  encoder_layers: 1\n", "model.encoder_layers: 1 is out of range"),
-    ("data:\n  max_len: 0\n", "data.max_len: 0 is out of range; must be between 1 and"),
+    ("model:\n  kind: gnmt\n  encoder_layers: 1\n", "model.encoder_layers must be at least 2 for gnmt"),
+    ("data:\n  max_len: 0\n", "data.max_len must be between 1 and"),
 ])
 def test_bad_recipe_is_one_line_before_training(tmp_path: Path, text: str, expected: str) -> None:
     recipe = tmp_path / "r.yaml"

@@ -111,7 +111,7 @@ def test_out_of_range_value_names_key_and_valid_range(tmp_path: Path, overrides,
     with pytest.raises(NmtError) as err:
         config.load_recipe(path, overrides)
     message = str(err.value)
-    assert f"recipe key {key}:" in message and valid in message and "\n" not in message
+    assert f"recipe key {key} must be " in message and valid in message and "\n" not in message
 
 
 def test_values_at_the_edge_of_their_range_are_accepted(tmp_path: Path) -> None:
