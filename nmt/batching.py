@@ -156,19 +156,35 @@ def _python_random(rs: np.random.RandomState) -> random.Random:
 def _cut(cost: np.ndarray, max_tokens: int) -> np.ndarray:
     """Where each batch starts in ``cost`` (ascending): greedy, while n * longest <= budget.
 
-    Since the costs only grow, a batch from ``s`` takes pairs while ``cost[j] * (j - s + 1)``
-    stays in the budget; each batch looks at no more pairs than the budget allows.
+    Since the costs only grow, the batch from ``s`` ends at the largest ``e`` with
+    ``cost[e - 1] * (e - s) <= max_tokens``: a binary search, on Python ints (numpy calls
+    would cost more than the arithmetic). A pair over the budget makes a batch alone.
     """
-    n = len(cost)
+    c = cost.tolist()
+    n, s = len(c), 0
     starts = [0]
-    s = 0
     while s < n:
-        window = min(n - s, max(1, max_tokens // int(cost[s])))
-        fits = cost[s : s + window] * np.arange(1, window + 1) <= max_tokens
-        size = window if fits.all() else max(1, int(np.argmin(fits)))  # a too-long pair goes alone
-        s += size
-        starts.append(s)
+        lo, hi = s + 1, min(n, s + max(1, max_tokens // c[s]))
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if c[mid - 1] * (mid - s) <= max_tokens:
+                lo = mid
+            else:
+                hi = mid - 1
+        starts.append(lo)
+        s = lo
     return np.array(starts, dtype=np.int64)
+
+
+def _length_order(cost: np.ndarray, src: np.ndarray, ties: np.ndarray) -> np.ndarray:
+    """Pair indices sorted by cost, then source length, then tie (as a stable sort would)."""
+    order = np.argsort(ties)
+    if (ties[order[1:]] == ties[order[:-1]]).any():  # equal draws: keep them in index order
+        order = np.argsort(ties, kind="stable")
+    # Two stable passes on small integers (radix sorts), least significant key first.
+    small = np.uint16 if max(int(cost.max(initial=0)), 1) < 1 << 16 else np.int64
+    order = order[np.argsort(src[order].astype(small), kind="stable")]
+    return order[np.argsort(cost[order].astype(small), kind="stable")]
 
 
 def make_batches(src_lens: Sequence[int] | np.ndarray, tgt_lens: Sequence[int] | np.ndarray,
@@ -181,7 +197,7 @@ def make_batches(src_lens: Sequence[int] | np.ndarray, tgt_lens: Sequence[int] |
     cost = np.maximum(src, np.asarray(tgt_lens, dtype=np.int64))
     rs = _mersenne(seed * 100_003 + epoch)
     ties = rs.random_sample(len(cost))
-    pairs = np.lexsort((ties, src, cost))  # by cost, then source length, then the random tie
+    pairs = _length_order(cost, src, ties)
     starts = _cut(cost[pairs], max_tokens)
     order = list(range(len(starts) - 1))
     _python_random(rs).shuffle(order)  # Python's shuffle: the same order the list batcher had
