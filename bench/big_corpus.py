@@ -78,7 +78,7 @@ def main() -> None:
         for lang in langs:
             if (source / f"{split}.{lang}").exists():
                 shutil.copyfile(source / f"{split}.{lang}", out / f"{split}.{lang}")
-    print(f"{out}: {copies * len(src):,} training pairs ({copies} copies of {len(src):,}, joined), "
+    print(f"{out}: {copies * len(src):,} training pairs ({copies} x {len(src):,}, joined), "
           f"{size / 1e9:.2f} GB; valid and test2016 copied from {source}")
 
 

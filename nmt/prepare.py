@@ -154,7 +154,8 @@ class ParallelReader:
 
     def __iter__(self) -> Iterator[tuple[list[str], list[str]]]:
         blocks = [_blocks(p) for p in self.paths]
-        self._total_bytes = self.paths[0].stat().st_size
+        with _open(self.paths[0]) as f:  # a missing file is named here, as everywhere
+            self._total_bytes = os.fstat(f.fileno()).st_size
         bufs: list[list[str]] = [[], []]
         ended = [False, False]
         while True:

@@ -109,6 +109,14 @@ def test_prepared_arrays_equal_direct_encoding_with_the_same_counts(corpus_dir, 
     assert h["tokenizer_sha256"] == file_sha256(tok.path)
 
 
+def test_progress_without_a_terminal_is_log_lines_with_rate_and_eta(corpus_dir, tok, monkeypatch,
+                                                                   log_records) -> None:
+    monkeypatch.setattr(prep, "LOG_EVERY_S", 0.0)
+    prepare(corpus_dir / "train.en", corpus_dir / "train.de", tok, MAX_LEN)
+    progress = [r.getMessage() for r in log_records.records if r.getMessage().startswith("encoding train.en")]
+    assert len(progress) >= 3 and all("lines/s, ETA" in line for line in progress)
+
+
 def test_second_prepare_reuses_without_encoding(corpus_dir, tok, monkeypatch) -> None:
     src, tgt = corpus_dir / "train.en", corpus_dir / "train.de"
     first = prepare(src, tgt, tok, MAX_LEN)
@@ -196,6 +204,13 @@ def test_mismatched_line_counts_name_file_and_line(tmp_path, tok) -> None:
     assert f"{src}:2000: no matching line in {tgt}" in message
     assert "has 2000 lines" in message and "has 1999" in message
     assert not cache_entries(tmp_path)
+
+
+def test_missing_file_is_named(corpus_dir, tmp_path) -> None:
+    with pytest.raises(NmtError, match=r"absent.de: no such file"):
+        sample_pairs(corpus_dir / "train.en", tmp_path / "absent.de", 10, seed=1)
+    with pytest.raises(NmtError, match=r"absent.en: no such file"):
+        sample_pairs(tmp_path / "absent.en", corpus_dir / "train.de", 10, seed=1)
 
 
 def test_invalid_utf8_names_its_line(tmp_path, tok) -> None:
