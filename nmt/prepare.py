@@ -83,6 +83,7 @@ class Timings:
 
     read_sample: float = 0.0
     sentencepiece: float = 0.0
+    read: float = 0.0  # reading and checking the files while encoding
     encode: float = 0.0
     write: float = 0.0
 
@@ -382,6 +383,7 @@ def _encode_into(out: Path, src: Path, tgt: Path, tokenizer: Tokenizer, max_len:
         writers["lines"] = _NpyWriter(out / "lines.npy", np.int64)
         counts = {"lines": 0, "pairs": 0, "empty": 0, "too_long": 0, "src_tokens": 0, "tgt_tokens": 0}
         reader = ParallelReader(src, tgt)
+        started, busy = time.perf_counter(), timings.encode + timings.write
         with _Meter(f"encoding {src.name}", reader, progress) as meter:
             for src_lines, tgt_lines in reader:
                 start = time.perf_counter()
@@ -400,6 +402,7 @@ def _encode_into(out: Path, src: Path, tgt: Path, tokenizer: Tokenizer, max_len:
                 counts["empty"] += chunk.empty
                 counts["too_long"] += chunk.too_long
                 meter.update(len(src_lines))
+        timings.read += time.perf_counter() - started - (timings.encode + timings.write - busy)
         start = time.perf_counter()
         for writer in writers.values():
             writer.close()
@@ -724,8 +727,8 @@ def describe(tokenizer: Tokenizer, tokenizer_timings: Timings, reports: list[Spl
         lines.append(f"{r.split}: {h['lines']:,} lines, {h['pairs']:,} pairs kept, {h['dropped_empty']:,} "
                      f"dropped as empty, {h['dropped_too_long']:,} longer than {h['max_len']} tokens; "
                      f"{h['tokens']['src']:,} + {h['tokens']['tgt']:,} ids")
-        done = (f"encode {r.timings.encode:.1f} s, write {r.timings.write:.1f} s" if r.timings.encode
-                else "reused")
+        rt = r.timings
+        done = f"read {rt.read:.1f} s, encode {rt.encode:.1f} s, write {rt.write:.1f} s" if rt.encode else "reused"
         lines.append(f"  {done} ({r.seconds:.1f} s in all): {r.corpus.directory}")
     total = t.read_sample + t.sentencepiece + sum(r.seconds for r in reports)
     lines.append(f"total {total:.1f} s")
