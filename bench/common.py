@@ -1,8 +1,9 @@
-"""What every bench script prints beside its figures, so they compare across CPUs.
+"""What every bench script prints beside its figures, so they compare across machines.
 
-The CPU (model, vector capability, threads), the machine's fp32 matmul rate at the
-model's own shapes (median of several runs, measured in the same process), and helpers
-to count a training step's FLOPs and turn them into utilisation of that rate.
+The CPU (model, vector capability, threads) and the GPU if one is used, the device's matmul
+rate at the model's own shapes and precision (median of several runs, measured in the same
+process), and helpers to count a training step's FLOPs and turn them into utilisation of
+that rate.
 """
 
 from __future__ import annotations
@@ -26,28 +27,41 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def describe_machine() -> str:
-    return (f"cpu: {cpu_name()} | capability {torch.backends.cpu.get_cpu_capability()} | "
+def describe_machine(device: torch.device | None = None) -> str:
+    text = (f"cpu: {cpu_name()} | capability {torch.backends.cpu.get_cpu_capability()} | "
             f"torch {torch.__version__} | threads {torch.get_num_threads()}")
+    if device is not None and device.type == "cuda":
+        text += f" | gpu: {torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
+    return text
 
 
-def matmul_gflops(m: int, k: int, n: int, repeats: int = 7) -> float:
-    """Median fp32 GFLOP/s of an (m x k) @ (k x n) product."""
-    a, b = torch.randn(m, k), torch.randn(k, n)
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_gflops(m: int, k: int, n: int, device: torch.device = torch.device("cpu"),
+                  dtype: torch.dtype = torch.float32, repeats: int = 7) -> float:
+    """Median GFLOP/s of an (m x k) @ (k x n) product on ``device``, waiting for the GPU to finish."""
+    a = torch.randn(m, k, device=device, dtype=dtype)
+    b = torch.randn(k, n, device=device, dtype=dtype)
     for _ in range(2):
         a @ b
     rates = []
     for _ in range(repeats):
+        _synchronize(device)
         start = time.perf_counter()
         a @ b
+        _synchronize(device)
         rates.append(2 * m * k * n / (time.perf_counter() - start) / 1e9)
     return statistics.median(rates)
 
 
-def matmul_rates(tokens: int, d: int, ffn: int, vocab: int) -> dict[str, float]:
+def matmul_rates(tokens: int, d: int, ffn: int, vocab: int, device: torch.device = torch.device("cpu"),
+                 dtype: torch.dtype = torch.float32) -> dict[str, float]:
     shapes = {f"{tokens}x{d}x{d}": (tokens, d, d), f"{tokens}x{d}x{ffn}": (tokens, d, ffn),
               f"{tokens}x{d}x{vocab}": (tokens, d, vocab)}
-    return {name: matmul_gflops(*shape) for name, shape in shapes.items()}
+    return {name: matmul_gflops(*shape, device=device, dtype=dtype) for name, shape in shapes.items()}
 
 
 def count_flops(fn) -> int:

@@ -3,11 +3,12 @@
     python bench/train_speed.py recipes/multi30k/transformer.yaml [--set model.x=y]
         [--spm runs/X/spm.model] [--windows 5] [--steps 10] [--warmup 5]
 
-Runs real training updates (the trainer's own ``update``) on the recipe's training data
-and prints, for each window of ``--steps`` updates, target tokens per second of
-training-clock time; then the median over windows, the FLOPs of one update counted by
-PyTorch, the achieved FLOP/s, and that as a share of the machine's matmul rate at the
-model's shapes. Needs the recipe's data (set NMT_DATA).
+Runs real training updates (the trainer's own ``update``, on the device the trainer picks:
+the GPU when there is one) on the recipe's training data and prints, for each window of
+``--steps`` updates, target tokens per second of wall-clock time (on a GPU, up to the end of
+the work queued); then the median over windows, the FLOPs of one update counted by PyTorch,
+the achieved FLOP/s, and that as a share of the device's matmul rate at the model's shapes
+and precision. Needs the recipe's data (set NMT_DATA).
 """
 
 from __future__ import annotations
@@ -25,10 +26,47 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import count_flops, describe_machine, matmul_rates, median  # noqa: E402
 
-from nmt import config  # noqa: E402
+from nmt import config, distributed  # noqa: E402
 from nmt.batching import collate  # noqa: E402
 from nmt.loss import label_smoothed_nll  # noqa: E402
 from nmt.train import Trainer  # noqa: E402
+
+
+def timed_window(trainer: Trainer, steps: int) -> tuple[int, float]:
+    """Target tokens and wall-clock seconds of ``steps`` updates.
+
+    On a GPU the updates only queue work: the clock stops after the device has done it all,
+    and starts after the work queued before it is done.
+    """
+    distributed.synchronize(trainer.device)
+    start = time.perf_counter()
+    tokens = 0
+    for _ in range(steps):
+        _, _, n = trainer.update(trainer._next_group())
+        tokens += n
+    distributed.synchronize(trainer.device)
+    return tokens, time.perf_counter() - start
+
+
+def flops_per_token(trainer: Trainer) -> float:
+    """FLOPs of a forward + backward on a batch of the usual size, per target token."""
+    batch = collate(trainer.train_data, trainer._next_group()[0]).to(trainer.device)
+
+    def fwd_bwd():
+        with trainer.autocast:
+            logits = trainer.model(batch.src, batch.src_lens, batch.tgt_in)
+        loss, _ = label_smoothed_nll(logits, batch.tgt_out, trainer.cfg.train.label_smoothing)
+        loss.backward()
+
+    flops = count_flops(fwd_bwd)
+    trainer.model.zero_grad(set_to_none=True)
+    return flops / batch.ntokens
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def main() -> None:
@@ -50,50 +88,37 @@ def main() -> None:
     run_dir = Path(tempfile.mkdtemp(prefix="nmt-bench-"))
     try:
         trainer = Trainer(cfg, run_dir, progress_bar=False)
-        print(describe_machine())
-        print(f"model: {cfg.model.kind}, {sum(p.numel() for p in trainer.model.parameters()):,} parameters; "
-              f"batch: {cfg.train.max_tokens} padded tokens x update_freq {cfg.train.update_freq}")
+        device = trainer.device
+        print(describe_machine(device))
+        print(f"model: {cfg.model.kind}, {sum(p.numel() for p in trainer.model.parameters()):,} parameters "
+              f"on {device}, {cfg.train.precision}; batch: {cfg.train.max_tokens} padded tokens x "
+              f"update_freq {cfg.train.update_freq}")
 
-        for _ in range(args.warmup):
-            trainer.update(trainer._next_group())
+        if args.warmup:
+            timed_window(trainer, args.warmup)
         rates = []
         for w in range(args.windows):
-            tokens, seconds = 0, 0.0
-            for _ in range(args.steps):
-                group = trainer._next_group()
-                start = time.perf_counter()
-                _, _, n = trainer.update(group)
-                seconds += time.perf_counter() - start
-                tokens += n
+            tokens, seconds = timed_window(trainer, args.steps)
             rates.append(tokens / seconds)
             print(f"window {w + 1}: {rates[-1]:,.0f} target tokens/s ({tokens} tokens, {seconds:.1f} s)")
 
-        # FLOPs of a forward + backward on a batch of the usual size.
-        group = trainer._next_group()
-        batch = collate(trainer.train_data, group[0])
-
-        def fwd_bwd():
-            logits = trainer.model(batch.src, batch.src_lens, batch.tgt_in)
-            loss, _ = label_smoothed_nll(logits, batch.tgt_out, cfg.train.label_smoothing)
-            loss.backward()
-
-        flops = count_flops(fwd_bwd)
-        trainer.model.zero_grad(set_to_none=True)
-        flops_per_token = flops / batch.ntokens
+        per_token = flops_per_token(trainer)
         tok_s = median(rates)
-        achieved = tok_s * flops_per_token / 1e9
+        achieved = tok_s * per_token / 1e9
         m = cfg.model
         d = getattr(m, "d_model", getattr(m, "hidden", 256))
         ffn = getattr(m, "ffn", 4 * d)
-        mm = matmul_rates(cfg.train.max_tokens, d, ffn, len(trainer.tokenizer))
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.train.precision]
+        mm = matmul_rates(cfg.train.max_tokens, d, ffn, len(trainer.tokenizer), device, dtype)
         mm_mean = sum(mm.values()) / len(mm)
-        peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(f"median: {tok_s:,.0f} target tokens/s over {args.windows} windows of {args.steps} updates")
-        print(f"flops per target token (forward + backward): {flops_per_token / 1e6:.1f} MFLOP; "
+        print(f"flops per target token (forward + backward): {per_token / 1e6:.1f} MFLOP; "
               f"achieved {achieved:.1f} GFLOP/s")
-        print("matmul rate (GFLOP/s, median of 7): " + ", ".join(f"{k} {v:.0f}" for k, v in mm.items()))
+        print(f"{cfg.train.precision} matmul rate on {device} (GFLOP/s, median of 7): "
+              + ", ".join(f"{k} {v:.0f}" for k, v in mm.items()))
         print(f"utilisation: {achieved / mm_mean:.0%} of the mean matmul rate at these shapes")
-        print(f"peak resident memory: {peak_mib:,.0f} MiB")
+        print(f"peak {'allocated device' if device.type == 'cuda' else 'resident'} memory: "
+              f"{peak_memory_mib(device):,.0f} MiB")
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
 

@@ -80,6 +80,56 @@ def all_sum(ctx: Context, values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def all_sum_tensor(ctx: Context, t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over ranks, in place, on the device it lives on (gloo: CPU, NCCL: CUDA)."""
+    if ctx.distributed:
+        dist.all_reduce(t)
+    return t
+
+
+def broadcast_module(ctx: Context, module: torch.nn.Module) -> None:
+    """Give every rank rank 0's parameters and buffers."""
+    if not ctx.distributed:
+        return
+    for t in [*module.parameters(), *module.buffers()]:
+        dist.broadcast(t.data, src=0)
+
+
+BUCKET_BYTES = 25 * 2**20  # the size DistributedDataParallel uses by default
+
+
+def all_reduce_gradients(ctx: Context, params: list[torch.nn.Parameter]) -> None:
+    """Sum the gradients of ``params`` over ranks, in buckets of about 25 MB.
+
+    Called once per update, after every rank has finished its backward passes; a parameter
+    without a gradient takes part with zeros, so every rank makes the same collectives.
+    """
+    if not ctx.distributed:
+        return
+    params = [p for p in params if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    bucket: list[torch.Tensor] = []
+    size = 0
+    for i, p in enumerate(params):
+        bucket.append(p.grad)
+        size += p.grad.numel() * p.grad.element_size()
+        last = i == len(params) - 1
+        if last or size >= BUCKET_BYTES or params[i + 1].grad.dtype != p.grad.dtype:
+            flat = torch.cat([g.reshape(-1) for g in bucket])  # (n,) one collective for the bucket
+            dist.all_reduce(flat)
+            for g, part in zip(bucket, flat.split([g.numel() for g in bucket])):
+                g.copy_(part.view_as(g))
+            bucket, size = [], 0
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on ``device`` (a no-op on the CPU, where nothing is queued)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def gather_objects(ctx: Context, obj):
     """Every rank's ``obj`` as a list on every rank."""
     if not ctx.distributed:

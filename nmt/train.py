@@ -5,8 +5,11 @@ and checkpoints. Running ``train`` on a directory that has a ``last.pt`` resumes
 model, optimizer, schedule, step, the position in the epoch's batch order and the RNG
 states are restored, so stopping and resuming gives the same parameters as not stopping.
 
-Two clocks are kept apart: ``train_seconds`` counts only the updates, ``valid_seconds``
+Two clocks are kept apart: ``train_seconds`` counts the training loop, ``valid_seconds``
 counts validation and checkpoint writing; time limits and reports use the first.
+
+Under torchrun every rank runs its backward passes on its own, then the gradients are summed
+over ranks once per update; a micro-batch that runs out of memory is split in halves.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -62,6 +65,49 @@ class Progress:
     best_step: int = 0
     bad_validations: int = 0
     saved_steps: list[int] = field(default_factory=list)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """An allocation failure: ``torch.OutOfMemoryError`` on a GPU, a RuntimeError saying so on the CPU."""
+    text = str(error)
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in text.lower() \
+        or "can't allocate memory" in text
+
+
+class TrainClock:
+    """Wall-clock seconds of training alone: runs between readings, stopped around validation.
+
+    On a GPU the host queues an update's work and moves on; what the update costs shows up
+    wherever the host next waits: in the per-update all-reduce under DDP, in the log's read of
+    the loss, on a full launch queue. Timing each ``update()`` call alone would miss those
+    waits. This clock runs from one reading to the next, so every wait lands inside it, and it
+    needs no synchronisation per step; ``stop`` waits for the queued work first, so that work
+    is billed to training and not to the validation that follows.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._since: float | None = None
+
+    def start(self) -> None:
+        self._since = time.perf_counter()
+
+    def lap(self) -> float:
+        """Seconds since the last reading (0 while stopped)."""
+        if self._since is None:
+            return 0.0
+        now = time.perf_counter()
+        seconds, self._since = now - self._since, now
+        return seconds
+
+    def stop(self) -> float:
+        """Wait for the device's queued work, then the seconds since the last reading."""
+        if self._since is None:
+            return 0.0
+        distributed.synchronize(self.device)
+        seconds = self.lap()
+        self._since = None
+        return seconds
 
 
 def pick_device() -> torch.device:
@@ -195,10 +241,10 @@ class Trainer:
                            "batch in an epoch; use fewer ranks or more data")
 
         self.model = build_model(cfg.model, len(self.tokenizer)).to(self.device)
-        self.net = self.model  # what the updates run through: the model, or its DDP wrapper
-        if self.ctx.distributed:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        distributed.broadcast_module(self.ctx, self.model)  # one starting point, whatever the seeds did
+        self.oom_splits = 0  # micro-batches split after running out of memory, since the last log record
+        self._warned_oom = False
+        self.clock = TrainClock(self.device)
         torch.manual_seed(tc.seed + self.rank)  # different dropout masks on every rank
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=tc.lr, betas=tuple(tc.adam_betas),
                                           eps=tc.adam_eps, weight_decay=tc.weight_decay)
@@ -295,29 +341,18 @@ class Trainer:
                ) -> tuple[torch.Tensor, torch.Tensor, int]:
         """One optimizer step over the micro-batches of ``group``; returns summed loss, nll, tokens.
 
-        ``total_tokens`` is the number of target tokens in this update over all ranks: the loss
-        is divided by it, so N ranks make the same update as one rank with all N batches.
+        ``total_tokens`` is the number of target tokens in this update over all ranks: each
+        rank's loss is divided by it and the ranks' gradients are summed, so N ranks make the
+        same update as one rank with all N batches. The loss and nll returned are this rank's.
         """
         tc = self.cfg.train
-        batches = [collate(self.train_data, idx).to(self.device) for idx in group]
-        ntokens = sum(b.ntokens for b in batches)
-        total_tokens = total_tokens or ntokens
-        # DDP averages gradients over ranks; scale back up so the result is a sum / total tokens.
-        scale = self.world_size / total_tokens
-        self.net.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss_sum = torch.zeros((), device=self.device)
-        nll_sum = torch.zeros((), device=self.device)
-        for i, batch in enumerate(batches):
-            last = i == len(batches) - 1
-            sync = nullcontext() if last or not self.ctx.distributed else self.net.no_sync()
-            with sync:
-                with self.autocast:
-                    logits = self.net(batch.src, batch.src_lens, batch.tgt_in)
-                loss, nll = label_smoothed_nll(logits, batch.tgt_out, tc.label_smoothing)
-                self.scaler.scale(loss * scale).backward()
-            loss_sum += loss.detach()
-            nll_sum += nll
+        total_tokens = total_tokens or self._target_tokens(group)
+        self.model.train()
+        loss_sum, nll_sum = self._backward_all(group, 1.0 / total_tokens)
+        # The gradients travel once, after this rank's last backward pass: no rank is inside a
+        # collective while another may still run out of memory and split its batch. The cost
+        # against DDP's bucket hooks is the overlap of that all-reduce with the backward pass.
+        distributed.all_reduce_gradients(self.ctx, list(self.model.parameters()))
         self.scaler.unscale_(self.optimizer)
         if tc.clip_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.clip_norm)
@@ -325,6 +360,63 @@ class Trainer:
         self.scaler.update()
         self.scheduler.step()
         return loss_sum, nll_sum, total_tokens
+
+    def _backward_all(self, group: list[list[int]], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward and backward over every micro-batch, gradients accumulated; (loss sum, nll sum).
+
+        A piece that runs out of memory is replaced by its two halves, down to single sentences:
+        the loss is a sum over tokens times ``scale``, so the halves add up to the same gradient.
+        Running out in the forward pass leaves the gradients as they were; in the backward pass
+        part of the piece's gradient may be in them already, so the update starts over with the
+        pieces it has by then. None of this talks to other ranks.
+        """
+        pieces = [list(idx) for idx in group]
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = nll_sum = torch.zeros((), device=self.device)
+        i = 0
+        while i < len(pieces):
+            result = self._forward_backward(pieces[i], scale)
+            if isinstance(result, tuple):
+                loss_sum, nll_sum, i = loss_sum + result[0], nll_sum + result[1], i + 1
+                continue
+            pieces[i : i + 1] = self._halves(pieces[i])
+            self.oom_splits += 1
+            if result == "backward":
+                self.optimizer.zero_grad(set_to_none=True)
+                loss_sum = nll_sum = torch.zeros((), device=self.device)
+                i = 0
+        return loss_sum, nll_sum
+
+    def _forward_backward(self, idx: list[int], scale: float) -> tuple[torch.Tensor, torch.Tensor] | str:
+        """Forward and backward of one piece: its (loss, nll), or the phase that ran out of memory."""
+        batch = collate(self.train_data, idx).to(self.device)
+        phase = "forward"
+        try:
+            with self.autocast:
+                logits = self.model(batch.src, batch.src_lens, batch.tgt_in)  # (B, T, V)
+            loss, nll = label_smoothed_nll(logits, batch.tgt_out, self.cfg.train.label_smoothing)
+            del logits  # backward needs the log-probabilities the loss kept, not the logits
+            phase = "backward"
+            self.scaler.scale(loss * scale).backward()
+        except RuntimeError as e:
+            if not is_out_of_memory(e):
+                raise
+            return phase  # leaving the handler drops the exception, and with it the failed graph
+        return loss.detach(), nll
+
+    def _halves(self, idx: list[int]) -> list[list[int]]:
+        """The two halves of a piece that ran out of memory (a batch holds pairs of similar lengths)."""
+        data, step = self.train_data, self.state.step + 1
+        if len(idx) == 1:
+            src, tgt = len(data.src[idx[0]]) + 1, len(data.tgt[idx[0]]) + 1
+            raise NmtError(f"step {step}: one sentence pair ({src} source, {tgt} target tokens) does not "
+                           f"fit in {self.device} memory on its own; lower data.max_len or the model size")
+        if not self._warned_oom:
+            self._warned_oom = True
+            log.warning("step %d: out of memory on a batch of %d sentences (rank %d); running it in halves. "
+                        "Splits are counted in log.jsonl (oom_splits); a lower train.max_tokens avoids "
+                        "their cost", step, len(idx), self.rank)
+        return [idx[: len(idx) // 2], idx[len(idx) // 2 :]]
 
     @torch.no_grad()
     def validate(self) -> dict:
@@ -337,8 +429,7 @@ class Trainer:
                 logits = self.model(batch.src, batch.src_lens, batch.tgt_in)
             loss, nll = label_smoothed_nll(logits, batch.tgt_out, self.cfg.train.label_smoothing)
             loss_sum, nll_sum, ntokens = loss_sum + float(loss), nll_sum + float(nll), ntokens + batch.ntokens
-        search = config.SearchConfig(**{**vars(self.cfg.search), "beam": self.cfg.train.valid_beam,
-                                        "n_best": 1})
+        search = replace(self.cfg.search, beam=self.cfg.train.valid_beam, n_best=1)
         hyps = translate_text(self.model, self.tokenizer, self.valid_src, search)
         score = bleu(hyps, self.valid_ref)
         return {"valid_loss": loss_sum / ntokens, "valid_ppl": math.exp(min(nll_sum / ntokens, 50)),
@@ -404,6 +495,7 @@ class Trainer:
                    file=sys.stderr, dynamic_ncols=True, unit="step")
         window = self._new_window()
         validated_at = st.step
+        self.clock.start()
         try:
             while True:
                 # One collective per update carries both the stop decision (any rank's limit or
@@ -417,25 +509,25 @@ class Trainer:
                 if stop:
                     reason = reason or "another rank reached its limit"
                     break
-                start = time.perf_counter()
                 loss, nll, ntokens = self.update(self._next_group(), int(ntokens))
                 st.step += 1
-                seconds = time.perf_counter() - start
-                st.train_seconds += seconds
+                self._count_train_time(window, self.clock.lap())
                 # Summed on the device; read once per log window, not once per step.
                 window["loss"] = window["loss"] + loss
                 window["nll"] = window["nll"] + nll
                 window["tokens"] += ntokens
-                window["seconds"] += seconds
                 window["steps"] += 1
                 bar.update(1)
                 if st.step % tc.log_every == 0:
                     self._log_window(window, bar)
                 if tc.valid_every and st.step % tc.valid_every == 0:
+                    self._count_train_time(window, self.clock.stop())
                     self._validate_and_save()
                     validated_at = st.step
+                    self.clock.start()
         except _Interrupted:  # between updates, on every rank at the same step: a clean state
             bar.close()
+            self._count_train_time(window, self.clock.stop())
             self.save("last.pt", full=True)
             raise NmtError(f"interrupted at step {st.step}; {self.run_dir / 'last.pt'} is saved: "
                            "run the same command to resume") from None
@@ -447,6 +539,7 @@ class Trainer:
             for s, h in handlers.items():
                 signal.signal(s, h)
         bar.close()
+        self._count_train_time(window, self.clock.stop())
         if window["steps"]:
             self._log_window(window, None)
         if validated_at != st.step:
@@ -461,15 +554,25 @@ class Trainer:
                        best_step=st.best_step)
         return st
 
+    def _count_train_time(self, window: dict, seconds: float) -> None:
+        self.state.train_seconds += seconds
+        window["seconds"] += seconds
+
     def _log_window(self, window: dict, bar) -> None:
+        """Write one ``train`` record; every rank calls it, for the one all-reduce it makes."""
         st = self.state
+        # Each rank summed its own losses; the tokens were counted over all ranks already.
+        sums = torch.stack([window["loss"], window["nll"], torch.tensor(float(self.oom_splits), device=self.device)])
+        loss, nll, splits = distributed.all_sum_tensor(self.ctx, sums).tolist()  # waits for the device
+        self.oom_splits = 0
+        self._count_train_time(window, self.clock.lap())  # that wait was training time
         tokens = max(window["tokens"], 1)
         record = {
-            "step": st.step, "epoch": st.epoch,
-            "loss": float(window["loss"]) / tokens, "nll": float(window["nll"]) / tokens,
+            "step": st.step, "epoch": st.epoch, "loss": loss / tokens, "nll": nll / tokens,
             "lr": self.scheduler.get_last_lr()[0],
             "tokens_per_s": window["tokens"] / max(window["seconds"], 1e-9),
             "train_seconds": round(st.train_seconds, 3), "valid_seconds": round(st.valid_seconds, 3),
+            "oom_splits": int(splits),
         }
         self.log.write(event="train", **record)
         if bar is not None:

@@ -12,9 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.multiprocessing
 import yaml
 from conftest import tiny_recipe
+from faults import fail_above
 
+import nmt.train as training
 from nmt import checkpoint, config, distributed
 from nmt.errors import NmtError
 from nmt.train import train
@@ -34,6 +37,14 @@ def nmt(*args: str, **kwargs) -> subprocess.CompletedProcess:
                           env=env, timeout=240, **kwargs)
 
 
+def read_log(run: Path) -> list[dict]:
+    return [yaml.safe_load(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def train_records(run: Path) -> list[dict]:
+    return [r for r in read_log(run) if r["event"] == "train"]
+
+
 @pytest.fixture(scope="module")
 def two_rank_run(tmp_path_factory, corpus: Path, trained_run: Path) -> tuple[Path, Path]:
     """Four updates on 2 ranks (1 batch each), and the same on 1 rank with update_freq 2."""
@@ -42,6 +53,7 @@ def two_rank_run(tmp_path_factory, corpus: Path, trained_run: Path) -> tuple[Pat
     two = nmt("train", str(recipe(tmp, corpus, spm, max_steps=4)), "--run", str(tmp / "two"),
               "--nproc", "2", "--no-test")
     assert two.returncode == 0, two.stderr
+    assert train_records(tmp / "two")[0]["step"] == 1 and read_log(tmp / "two")[0]["world_size"] == 2
     one = recipe(tmp, corpus, spm, max_steps=4, update_freq=2)
     train(config.load_recipe(one), tmp / "one", progress_bar=False)
     return tmp / "two", tmp / "one"
@@ -63,9 +75,63 @@ def test_one_voice_and_effective_batch_logged(two_rank_run) -> None:
     assert len(list(two.glob("*.pt"))) == 2  # best.pt and last.pt, each written once by rank 0
 
 
-def test_checkpoint_params_stay_fp32(two_rank_run) -> None:
-    state = checkpoint.load(two_rank_run[0] / "last.pt")
-    assert {v.dtype for v in state["model"].values()} == {torch.float32}
+def test_two_ranks_log_the_loss_of_one_rank_with_both_batches(two_rank_run) -> None:
+    two, one = (train_records(run)[:4] for run in two_rank_run)  # steps 1 to 4, one record each
+    assert [r["step"] for r in two] == [r["step"] for r in one] == [1, 2, 3, 4]
+    for a, b in zip(two, one):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["nll"] == pytest.approx(b["nll"], rel=1e-5)
+
+
+def _rank_that_may_run_out_of_memory(rank: int, recipe: str, run: str, port: int, failing_rank: int,
+                                     sentences: int) -> None:
+    """One rank of a 2-rank job; rank ``failing_rank`` runs out of memory on batches over ``sentences``."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    build_model, built = training.build_model, []
+
+    def build(cfg, vocab_size):
+        model = build_model(cfg, vocab_size)
+        if rank == failing_rank:
+            fail_above(model, sentences)
+        built.append(model)
+        return model
+
+    training.build_model = build
+    train(config.load_recipe(Path(recipe)), Path(run), progress_bar=False)
+    torch.save(built[0].state_dict(), Path(run) / f"rank{rank}.params")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_a_rank_that_runs_out_of_memory_splits_its_batches_and_stays_in_step(
+        tmp_path: Path, corpus: Path, trained_run: Path) -> None:
+    # Adam's eps as in tests/test_train.py: rounding noise must not decide any step.
+    spm, steps = trained_run / "spm.model", {"max_steps": 4, "adam_eps": 1e-6}
+    run = tmp_path / "run"
+    job = torch.multiprocessing.start_processes(
+        _rank_that_may_run_out_of_memory, args=(str(recipe(tmp_path, corpus, spm, **steps)), str(run),
+                                                free_port(), 1, 20),
+        nprocs=2, join=False, start_method="spawn")
+    deadline = time.time() + 240
+    while not job.join(timeout=1):
+        if time.time() > deadline:
+            for process in job.processes:
+                process.kill()
+            pytest.fail("the 2-rank job did not finish")
+    splits = [r["oom_splits"] for r in train_records(run)]
+    assert len(splits) == 4 and all(n > 0 for n in splits)  # rank 1's splits, logged by rank 0
+    rank0, rank1 = (torch.load(run / f"rank{r}.params") for r in (0, 1))
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    # The same updates without a fault: one rank with both batches of every update.
+    train(config.load_recipe(recipe(tmp_path, corpus, spm, update_freq=2, **steps)), tmp_path / "one",
+          progress_bar=False)
+    unsplit = checkpoint.load(tmp_path / "one" / "last.pt")["model"]
+    assert max((rank0[k] - unsplit[k]).abs().max().item() for k in unsplit) < 1e-6
 
 
 def test_resuming_with_another_number_of_ranks_is_refused(two_rank_run, tmp_path: Path) -> None:
@@ -134,14 +200,20 @@ def test_taken_rendezvous_port_is_one_clear_error(monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("kind", ["transformer", "gnmt"])
-def test_bf16_trains_and_saves_fp32(tmp_path: Path, corpus: Path, trained_run: Path, kind: str) -> None:
+def test_bf16_trains_and_saves_fp32(tmp_path: Path, corpus: Path, trained_run: Path, kind: str,
+                                   monkeypatch) -> None:
     path = recipe(tmp_path, corpus, trained_run / "spm.model", max_steps=30, log_every=10, precision="bf16")
     if kind == "gnmt":
         raw = yaml.safe_load(path.read_text())
         raw["model"] = {"kind": "gnmt", "embed_dim": 32, "hidden": 48, "max_positions": 64}
         path.write_text(yaml.safe_dump(raw))
     cfg = config.load_recipe(path)
+    dtypes = set()
+    loss = training.label_smoothed_nll
+    monkeypatch.setattr(training, "label_smoothed_nll",
+                        lambda logits, *args: dtypes.add(logits.dtype) or loss(logits, *args))
     train(cfg, tmp_path / "run", progress_bar=False)
+    assert dtypes == {torch.bfloat16}  # the model really ran in bf16
     state = checkpoint.load(tmp_path / "run" / "last.pt")
     assert {v.dtype for v in state["model"].values()} == {torch.float32}
     losses = [yaml.safe_load(line)["loss"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()

@@ -29,13 +29,17 @@ def test_recipe_paths_resolve_to_aligned_files() -> None:
         assert len(src) == len(tgt) == n
 
 
-def test_tokenizer_covers_test_set_without_unknowns(tmp_path) -> None:
+def test_tokenizer_gives_back_the_raw_test_text(tmp_path) -> None:
     src, tgt = read_parallel(ROOT / "multi30k/train.en", ROOT / "multi30k/train.de")
     tok = train_tokenizer(src[:3000] + tgt[:3000], tmp_path, vocab_size=2000)
     test_src, test_tgt = read_parallel(ROOT / "multi30k/test2016.en", ROOT / "multi30k/test2016.de")
-    ids = tok.encode(test_src + test_tgt)
+    # Characters no training line has: without byte fallback they would come back as <unk>.
+    unseen = "Zoë ordered crème brûlée in 東京 🍮 for ½ price"
+    assert not any(ch in "".join(src[:3000] + tgt[:3000]) for ch in "東京🍮½")
+    lines = [line.strip() for line in test_src + test_tgt] + [unseen]
+    ids = tok.encode(lines)
+    assert tok.decode(ids) == lines
     assert not any(UNK in seq for seq in ids)
-    assert tok.decode(ids[:50]) == [line.strip() for line in test_src[:50]]
     lens = [len(s) + 1 for s in ids[:1000]]
     batches = make_batches(lens, [len(t) + 1 for t in ids[1000:]], 4096, seed=1, epoch=1)
     assert sum(len(b) for b in batches) == 1000
