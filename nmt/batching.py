@@ -228,3 +228,7 @@ class EpochBatches:
 
     def collate(self, indices: Sequence[int] | np.ndarray) -> Batch:
         return collate(self.data, indices)
+
+    def target_tokens(self, batches: Sequence[Sequence[int] | np.ndarray]) -> int:
+        """Target tokens (with EOS) of these batches: what the loss of an update is divided by."""
+        return sum(int(self._tgt_lens[np.asarray(idx, dtype=np.int64)].sum()) for idx in batches)

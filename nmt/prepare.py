@@ -613,8 +613,8 @@ def _build(final: Path, src: Path, tgt: Path, tokenizer: Tokenizer, max_len: int
            progress: bool, timings: Timings) -> None:
     """Encode into a temp directory beside ``final``, then rename it into place."""
     root = final.parent
-    for leftover in root.glob(f".tmp-{final.name}-*"):  # from a killed run; we hold the lock
-        shutil.rmtree(leftover, ignore_errors=True)
+    for leftover in [*root.glob(f".tmp-{final.name}-*"), *root.glob(f".old-{final.name}-*")]:
+        shutil.rmtree(leftover, ignore_errors=True)  # left by a killed run; this process holds the lock
     tmp = root / f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         tmp.mkdir()

@@ -303,6 +303,8 @@ def test_prepared_and_in_memory_corpora_give_the_same_batches(corpus_dir, tok) -
         a = EpochBatches(mapped, 500, seed=3, rank=rank, world_size=2).epoch(2)
         b = EpochBatches(listed, 500, seed=3, rank=rank, world_size=2).epoch(2)
         assert a.tolist() == b.tolist()
+    batcher = EpochBatches(mapped, 500, seed=3)
+    assert batcher.target_tokens(a[:3]) == sum(collate(mapped, idx).ntokens for idx in a[:3])
     for idx in a[:5]:
         x, y = collate(mapped, idx), collate(listed, idx.tolist())
         for name in ("src", "src_lens", "tgt_in", "tgt_out"):
