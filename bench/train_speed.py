@@ -3,10 +3,11 @@
     python bench/train_speed.py recipes/multi30k/transformer.yaml [--set model.x=y]
         [--spm runs/X/spm.model] [--windows 5] [--steps 10] [--warmup 5]
 
-Runs real training updates (the trainer's own ``update``, on the device the trainer picks:
-the GPU when there is one) on the recipe's training data and prints, for each window of
-``--steps`` updates, target tokens per second of wall-clock time (on a GPU, up to the end of
-the work queued); then the median over windows, the FLOPs of one update counted by PyTorch,
+Runs real training updates (the trainer's own ``update`` on what its data side hands it,
+``trainer.updates``, on the device the trainer picks: the GPU when there is one) on the
+recipe's training data, prepared and memory-mapped as ``nmt train`` reads it, and prints,
+for each window of ``--steps`` updates, target tokens per second of wall-clock time (on a
+GPU, up to the end of the work queued); then the median over windows, the FLOPs of one update counted by PyTorch,
 the achieved FLOP/s, and that as a share of the device's matmul rate at the model's shapes
 and precision. Needs the recipe's data (set NMT_DATA).
 """
@@ -27,7 +28,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import count_flops, describe_machine, matmul_rates, median  # noqa: E402
 
 from nmt import config, distributed  # noqa: E402
-from nmt.batching import collate  # noqa: E402
 from nmt.loss import label_smoothed_nll  # noqa: E402
 from nmt.train import Trainer  # noqa: E402
 
@@ -42,7 +42,7 @@ def timed_window(trainer: Trainer, steps: int) -> tuple[int, float]:
     start = time.perf_counter()
     tokens = 0
     for _ in range(steps):
-        _, _, n = trainer.update(trainer._next_group())
+        _, _, n = trainer.update(next(trainer.updates))
         tokens += n
     distributed.synchronize(trainer.device)
     return tokens, time.perf_counter() - start
@@ -50,7 +50,7 @@ def timed_window(trainer: Trainer, steps: int) -> tuple[int, float]:
 
 def flops_per_token(trainer: Trainer) -> float:
     """FLOPs of a forward + backward on a batch of the usual size, per target token."""
-    batch = collate(trainer.train_data, trainer._next_group()[0]).to(trainer.device)
+    batch = trainer.batches.collate(next(trainer.updates).batches[0]).to(trainer.device)
 
     def fwd_bwd():
         with trainer.autocast:

@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, BinaryIO, Optional
 
 import typer
 from tqdm import tqdm
@@ -147,15 +147,30 @@ def prepare(
 
 # --- translate ------------------------------------------------------------------------------
 
-def _read_input(path: Optional[Path], on_bad_line: str = "error") -> tuple[list[str], str]:
-    from nmt.data import InvalidUtf8, decode_lines, read_lines
-
+def _open_input(path: Optional[Path]) -> tuple[BinaryIO, str]:
+    """The byte stream to translate (stdin, or the --input file, unbuffered) and its name in messages."""
+    if path is None or str(path) == "-":
+        return sys.stdin.buffer, "<stdin>"
     try:
-        if path is None or str(path) == "-":
-            return decode_lines(sys.stdin.buffer.read(), "<stdin>", on_bad_line), "<stdin>"
-        return read_lines(path, on_bad_line), str(path)
-    except InvalidUtf8 as e:
-        raise NmtError(f"{e}; or translate the other lines with --on-bad-line replace|skip-empty") from None
+        return open(path, "rb", buffering=0), str(path)
+    except FileNotFoundError:
+        raise NmtError(f"{path}: no such file; check the --input path") from None
+    except IsADirectoryError:
+        raise NmtError(f"{path}: is a directory, expected a text file") from None
+    except OSError as e:
+        raise NmtError(f"{path}: cannot be read ({e.strerror or e})") from None
+
+
+def _output_lines(results: list, n_best: int) -> str:
+    """One line per translation, or n_best lines 'line ||| text ||| score' each."""
+    out_lines = []
+    for r in results:
+        if n_best == 1:
+            out_lines.append(r.texts[0])
+        else:
+            scores = [h.score for h in r.hypotheses] + [float("-inf")] * n_best
+            out_lines += [f"{r.line} ||| {t} ||| {s:.4f}" for t, s in zip(r.texts, scores)]
+    return "".join(f"{line}\n" for line in out_lines)
 
 
 def _check_counts(**options: Optional[int]) -> None:
@@ -179,7 +194,7 @@ def _search_config(cfg, beam, n_best, length_penalty, coverage_penalty, max_sent
     return search
 
 
-def _progress(total: int, enabled: bool):
+def _progress(total: Optional[int], enabled: bool):
     return tqdm(total=total, disable=not enabled, file=sys.stderr, unit="sent", dynamic_ncols=True)
 
 
@@ -208,14 +223,22 @@ def translate(
     engine: Annotated[str, typer.Option(
         help="nmt, or ctranslate2: --model is then a directory written by nmt export, decoded by "
              "CTranslate2 in the precision it was exported in (--checkpoint, --int8 do not apply).")] = "nmt",
+    chunk_lines: Annotated[int, typer.Option(
+        help="Most lines read and translated at a time (the first chunk at most 64, doubling up to this); "
+             "memory grows with it, not with the input.")] = 2000,
 ):
-    """Translate lines from stdin (or --input) to stdout: N lines in, N lines out, in order."""
+    """Translate lines from stdin (or --input) to stdout: N lines in, N lines out, in order.
+
+    The input streams through in chunks, each written out before the next is read, so a line
+    typed into a pipe is translated without waiting for the end of the input.
+    """
     from nmt.checkpoint import load_run
-    from nmt.data import ON_BAD_LINE
+    from nmt.data import ON_BAD_LINE, InvalidUtf8
     from nmt.train import pick_device
+    from nmt.translate import read_chunks, translate_stream
     from nmt.translate import translate as run_translate
 
-    _check_counts(beam=beam, n_best=n_best, batch_size=batch_size)
+    _check_counts(beam=beam, n_best=n_best, batch_size=batch_size, chunk_lines=chunk_lines)
     if on_bad_line not in ON_BAD_LINE:
         raise NmtError(f"--on-bad-line {on_bad_line}: choose one of {', '.join(ON_BAD_LINE)}")
     if engine not in ("nmt", "ctranslate2"):
@@ -232,22 +255,24 @@ def translate(
         search = _search_config(cfg, beam, n_best, length_penalty, coverage_penalty, batch_size,
                                 stop=stop, min_len=min_len)
         decode = functools.partial(run_translate, net, tokenizer)
-    lines, name = _read_input(input, on_bad_line)
-    with _progress(len(lines), sys.stderr.isatty()) as bar:
-        results = decode(lines, search, on_batch=bar.update, source_name=name)
-    out_lines = []
-    for r in results:
-        if search.n_best == 1:
-            out_lines.append(r.texts[0])
-        else:
-            scores = [h.score for h in r.hypotheses] + [float("-inf")] * search.n_best
-            out_lines += [f"{r.line} ||| {t} ||| {s:.4f}" for t, s in zip(r.texts, scores)]
-    text = "".join(f"{line}\n" for line in out_lines)
-    if output is None:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-    else:
-        output.write_text(text, encoding="utf-8")
+    stream, name = _open_input(input)
+    try:
+        out = sys.stdout if output is None else open(output, "w", encoding="utf-8")
+    except OSError as e:
+        raise NmtError(f"{output}: cannot be written ({e.strerror or e})") from None
+    try:
+        chunks = read_chunks(stream, chunk_lines, on_bad_line=on_bad_line, name=name)
+        with _progress(None, sys.stderr.isatty()) as bar:
+            for results in translate_stream(decode, chunks, search, on_batch=bar.update, source_name=name):
+                out.write(_output_lines(results, search.n_best))
+                out.flush()  # this chunk's translations are out before the next chunk is read
+    except InvalidUtf8 as e:
+        raise NmtError(f"{e}; or translate the other lines with --on-bad-line replace|skip-empty") from None
+    finally:
+        if out is not sys.stdout:
+            out.close()
+        if stream is not sys.stdin.buffer:
+            stream.close()
 
 
 # --- eval -----------------------------------------------------------------------------------

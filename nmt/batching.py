@@ -13,6 +13,10 @@ the earlier pure-Python batcher, so every epoch's batches are the same as before
 One batcher serves both corpora: the in-memory ``nmt.data.Parallel`` (lists of ids)
 and the memory-mapped ``nmt.prepare.PreparedCorpus`` (flat id arrays); ``lengths``
 gives the length arrays of either, and ``collate`` pads either.
+
+The trainer takes its batches from ``EpochBatches.updates``: an endless iterator of
+``Update``s (the micro-batches of one optimizer step), each saying where the next one
+starts, which is all a checkpoint needs to resume the order exactly.
 """
 
 from __future__ import annotations
@@ -30,6 +34,11 @@ from nmt.prepare import PreparedCorpus, TokenArray
 from nmt.tokenizer import BOS, EOS, PAD
 
 Corpus = Union[Parallel, PreparedCorpus]
+
+# The version of the batch order (which pairs each batch of an epoch holds, and in what
+# order the batches come). Checkpoints record it; raise it with any change that gives an
+# epoch other batches, so that runs from before are refused at resume, not reshuffled.
+ORDER_VERSION = 1
 
 
 @dataclass
@@ -204,27 +213,46 @@ def make_batches(src_lens: Sequence[int] | np.ndarray, tgt_lens: Sequence[int] |
     return BatchOrder(pairs, starts, np.array(order, dtype=np.int64))
 
 
-def shard(batches: BatchOrder | list, rank: int, world_size: int) -> BatchOrder | list:
-    """This rank's batches; every rank gets the same number (the last few are dropped)."""
-    usable = len(batches) - len(batches) % world_size
+def shard(batches: BatchOrder | list, rank: int, world_size: int, drop_last: bool = True) -> BatchOrder | list:
+    """This rank's batches: every rank the same number (the last few dropped), or all with ``drop_last=False``.
+
+    Training needs the same number on every rank (each update is one collective);
+    validation needs every batch once.
+    """
+    usable = len(batches) - len(batches) % world_size if drop_last else len(batches)
     return batches[rank:usable:world_size]
+
+
+@dataclass
+class Update:
+    """The micro-batches of one optimizer update on this rank, and where the next update starts."""
+
+    batches: BatchOrder  # up to update_freq micro-batches, each an int64 array of pair indices
+    target_tokens: int  # this rank's target tokens in them (with EOS)
+    epoch: int  # the epoch they belong to
+    next_position: tuple[int, int]  # (epoch, batches taken from it) once this update is made
 
 
 class EpochBatches:
     """The batches a rank trains on, epoch after epoch, from either kind of corpus."""
 
-    def __init__(self, data: Corpus, max_tokens: int, seed: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, data: Corpus, max_tokens: int, seed: int, rank: int = 0, world_size: int = 1,
+                 drop_last: bool = True):
         self.data = data
         self.max_tokens = max_tokens
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
+        self.drop_last = drop_last  # False: every batch once over all ranks (validation)
         src, tgt = lengths(data)
         self._src_lens, self._tgt_lens = src + 1, tgt + 1  # with EOS / BOS
+        self._last: tuple[int, BatchOrder] | None = None  # the epoch built last (seconds on a big corpus)
 
     def epoch(self, epoch: int) -> BatchOrder:
-        batches = make_batches(self._src_lens, self._tgt_lens, self.max_tokens, self.seed, epoch)
-        return shard(batches, self.rank, self.world_size)
+        if self._last is None or self._last[0] != epoch:
+            batches = make_batches(self._src_lens, self._tgt_lens, self.max_tokens, self.seed, epoch)
+            self._last = (epoch, shard(batches, self.rank, self.world_size, self.drop_last))
+        return self._last[1]
 
     def collate(self, indices: Sequence[int] | np.ndarray) -> Batch:
         return collate(self.data, indices)
@@ -232,3 +260,20 @@ class EpochBatches:
     def target_tokens(self, batches: Sequence[Sequence[int] | np.ndarray]) -> int:
         """Target tokens (with EOS) of these batches: what the loss of an update is divided by."""
         return sum(int(self._tgt_lens[np.asarray(idx, dtype=np.int64)].sum()) for idx in batches)
+
+    def updates(self, update_freq: int, epoch: int = 1, taken: int = 0) -> Iterator[Update]:
+        """Update after update, without end, from ``taken`` batches into ``epoch``.
+
+        Each update holds the next ``update_freq`` batches of the epoch (fewer at its end:
+        an update never spans two epochs). Each epoch's order is built once, when reached.
+        """
+        while True:
+            order = self.epoch(epoch)
+            if not len(order):
+                raise ValueError(f"epoch {epoch} has no batch for rank {self.rank} of {self.world_size}")
+            while taken < len(order):
+                group = order[taken : taken + update_freq]
+                taken += len(group)
+                after = (epoch, taken) if taken < len(order) else (epoch + 1, 0)
+                yield Update(group, self.target_tokens(group), epoch, after)
+            epoch, taken = epoch + 1, 0

@@ -5,6 +5,10 @@ SentencePiece model, the training position and (for resuming) optimizer, schedul
 RNG and data-order state. It is written to a temporary file in the same directory and
 renamed over the old one, so a crash mid-write never leaves a half-written ``last.pt``;
 the directory is then synced, so that a power cut cannot undo the rename.
+
+``model_state`` and ``training_state`` make the dicts the trainer writes;
+``check_resumable`` and ``restore_training`` read a ``last.pt`` back into a trainer's
+parts, every rank's random generators included.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import random
 import tempfile
 import zipfile
 from pathlib import Path
@@ -85,6 +90,73 @@ def load(path: Path, tokenizer_sha256: str | None = None) -> dict[str, Any]:
         raise NmtError(f"{path}: checkpoint was trained with another SentencePiece model than "
                        f"the run's spm.model; put the matching spm.model back or train again")
     return state
+
+
+# --- what the trainer writes and reads back ----------------------------------------------
+
+def model_state(config_dict: dict[str, Any], model_kind: str, tokenizer_sha256: str, step: int,
+                vocab_size: int, model: torch.nn.Module, world_size: int) -> dict[str, Any]:
+    """What every checkpoint holds: enough to translate with it and to know where it came from."""
+    return {"config": config_dict, "model_kind": model_kind, "tokenizer_sha256": tokenizer_sha256,
+            "step": step, "vocab_size": vocab_size, "model": model.state_dict(), "world_size": world_size}
+
+
+def training_state(optimizer: torch.optim.Optimizer, scheduler, scaler, progress: dict[str, Any],
+                   rng: list[dict[str, Any]], data_format: int) -> dict[str, Any]:
+    """What ``last.pt`` adds for resuming: optimizer, schedule, loss scale, position, RNGs.
+
+    ``rng`` holds one ``rng_state()`` per rank; ``data_format`` is the version of the batch
+    order the position refers to (``nmt.batching.ORDER_VERSION``).
+    """
+    return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(), "progress": dict(progress), "rng": rng,
+            "data_format": data_format}
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's random generators, as tensors and ints (what ``weights_only`` loading reads)."""
+    version, internal, gauss = random.getstate()
+    return {"torch": torch.get_rng_state(), "python": [version, *internal, gauss],
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def restore_rng(rng: dict[str, Any]) -> None:
+    flat = rng["python"]
+    torch.set_rng_state(rng["torch"])
+    random.setstate((flat[0], tuple(flat[1:-1]), flat[-1]))
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def check_resumable(state: dict[str, Any], path: Path, model_kind: str, world_size: int,
+                    data_format: int) -> None:
+    """Refuse, in one line, a ``last.pt`` that this job cannot continue exactly."""
+    if state.get("model_kind") != model_kind:
+        raise NmtError(f"{path} holds a {state.get('model_kind')} model but the recipe asks "
+                       f"for {model_kind}; train into a new --run directory")
+    if "optimizer" not in state:
+        raise NmtError(f"{path} has no training state to resume from; train into a new --run")
+    if state.get("world_size", 1) != world_size:
+        raise NmtError(f"{path} was trained on {state.get('world_size', 1)} rank(s), this job has "
+                       f"{world_size}: the batch order and effective batch depend on it; resume "
+                       f"with --nproc {state.get('world_size', 1)}, or train into a new --run directory")
+    saved = state.get("data_format", 1)  # checkpoints from before the version was kept: the first order
+    if saved != data_format:
+        raise NmtError(f"{path} was trained with batch order version {saved}, this nmt makes version "
+                       f"{data_format}: resuming would train on other batches than the run has seen; "
+                       "finish it with the nmt that started it, or train into a new --run directory")
+
+
+def restore_training(state: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                     scheduler, scaler, rank: int) -> dict[str, Any]:
+    """Load a checked ``last.pt`` into the trainer's parts and this rank's RNGs; returns the progress dict."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    rng = state["rng"]
+    restore_rng(rng if "torch" in rng else rng[rank])  # older checkpoints kept one state for all ranks
+    return state["progress"]
 
 
 def average(paths: list[Path]) -> dict[str, Any]:

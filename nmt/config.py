@@ -97,6 +97,9 @@ class TrainConfig:
     max_minutes: float = 0.0  # training clock, validation excluded
     valid_every: int = 500
     valid_beam: int = 1
+    # Valid BLEU is measured on the first N sentences of the valid split (0: all of them);
+    # the valid loss always covers the whole split.
+    valid_max_sentences: int = 0
     patience: int = 0  # validations without a better valid BLEU before stopping; 0: never
     log_every: int = 50
     keep_last: int = 5  # step checkpoints kept for averaging
@@ -160,7 +163,7 @@ SECTIONS = {
 RESUMABLE_CHANGES = {
     "tokenizer.reuse", "train.max_steps", "train.max_epochs", "train.max_minutes", "train.valid_every",
     "train.patience", "train.log_every", "train.keep_last", "train.average_last",
-    "train.threads", "train.valid_beam", "train.dist_timeout_minutes", "name",
+    "train.threads", "train.valid_beam", "train.valid_max_sentences", "train.dist_timeout_minutes", "name",
     # How a trained model is decoded does not change what was trained.
     *(f"search.{f.name}" for f in dataclasses.fields(SearchConfig)),
 }
@@ -314,7 +317,7 @@ def _train_checks(t: TrainConfig) -> list[Check]:
     at_least = [("max_tokens", 1), ("update_freq", 1), ("valid_beam", 1), ("log_every", 1),
                 ("warmup_steps", 0), ("max_steps", 0), ("max_epochs", 0), ("max_minutes", 0),
                 ("valid_every", 0), ("patience", 0), ("keep_last", 0), ("average_last", 0), ("threads", 0),
-                ("clip_norm", 0), ("weight_decay", 0)]
+                ("clip_norm", 0), ("weight_decay", 0), ("valid_max_sentences", 0)]
     checks = [(f"train.{k}", getattr(t, k), getattr(t, k) >= low, f"must be at least {low}") for k, low in at_least]
     return checks + [
         ("train.lr", t.lr, t.lr > 0, "must be positive"),

@@ -34,11 +34,13 @@ def read_lines(path: Path, on_bad_line: str = "error") -> list[str]:
     return decode_lines(data, str(path), on_bad_line)
 
 
-def decode_lines(data: bytes, name: str, on_bad_line: str = "error") -> list[str]:
+def decode_lines(data: bytes, name: str, on_bad_line: str = "error", first_line: int = 1) -> list[str]:
     """Split UTF-8 bytes into lines; ``name`` is what an error or warning calls the input.
 
     ``on_bad_line`` (one of ``ON_BAD_LINE``) says what becomes of a line that is not UTF-8;
-    whatever it is, N lines in give N lines out.
+    whatever it is, N lines in give N lines out. ``first_line`` is the number of the first
+    line in the whole input (for a piece of it read in chunks): messages name lines by it,
+    and a byte order mark is only dropped at the input's start.
     """
     if on_bad_line not in ON_BAD_LINE:
         raise NmtError(f"--on-bad-line {on_bad_line}: choose one of {', '.join(ON_BAD_LINE)}")
@@ -46,12 +48,12 @@ def decode_lines(data: bytes, name: str, on_bad_line: str = "error") -> list[str
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         if on_bad_line == "error":
-            line = data.count(b"\n", 0, e.start) + 1
+            line = data.count(b"\n", 0, e.start) + first_line
             raise InvalidUtf8(f"{name}:{line}: {_describe(e)}; convert the input to UTF-8, "
                               "e.g. iconv -f latin1 -t utf-8") from None
         text = "\n".join(_decode_line(raw, f"{name}:{n}", on_bad_line)
-                         for n, raw in enumerate(data.split(b"\n"), 1))
-    if text.startswith("\ufeff"):
+                         for n, raw in enumerate(data.split(b"\n"), first_line))
+    if first_line == 1 and text.startswith("\ufeff"):
         text = text[1:]
     lines = text.split("\n")
     if lines and lines[-1] == "":

@@ -66,9 +66,25 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
-def barrier(ctx: Context) -> None:
+def barrier(ctx: Context, group=None) -> None:
     if ctx.distributed:
-        dist.barrier()
+        dist.barrier(group=group)
+
+
+# Some waits last as long as work that one rank does for all (preparing a corpus) or that
+# every rank does a share of (validation): they go through a group of their own, whose
+# timeout is long enough for that work and does not loosen dist_timeout_minutes elsewhere.
+PATIENT_TIMEOUT = timedelta(hours=24)
+
+
+def patient_group(ctx: Context):
+    """A gloo group of all ranks whose collectives wait up to ``PATIENT_TIMEOUT`` (None on one rank).
+
+    Every rank must call this, in the same order as its other collectives.
+    """
+    if not ctx.distributed:
+        return None
+    return dist.new_group(backend="gloo", timeout=PATIENT_TIMEOUT)
 
 
 def all_sum(ctx: Context, values: list[float]) -> list[float]:
@@ -130,12 +146,21 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def gather_objects(ctx: Context, obj):
+def gather_objects(ctx: Context, obj, group=None):
     """Every rank's ``obj`` as a list on every rank."""
     if not ctx.distributed:
         return [obj]
     out = [None] * ctx.world_size
-    dist.all_gather_object(out, obj)
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def gather_to_main(ctx: Context, obj, group=None) -> list | None:
+    """Every rank's ``obj`` as a list on rank 0; None on the other ranks."""
+    if not ctx.distributed:
+        return [obj]
+    out = [None] * ctx.world_size if ctx.main else None
+    dist.gather_object(obj, out, dst=0, group=group)
     return out
 
 

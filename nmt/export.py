@@ -311,8 +311,11 @@ class ExportedModel:
         return out
 
     def translate(self, lines: list[str], cfg: SearchConfig, on_batch: Callable[[int], None] | None = None,
-                  source_name: str = "<stdin>") -> list[Translation]:
-        """As ``nmt.translate.translate``: one Translation per line, in input order."""
+                  source_name: str = "<stdin>", first_line: int = 0) -> list[Translation]:
+        """As ``nmt.translate.translate``: one Translation per line, in input order.
+
+        ``first_line``: the lines of the input before these (read in chunks); lines count from there.
+        """
         if cfg.coverage_penalty:
             raise NmtError(f"the ctranslate2 engine applies no coverage penalty (asked for "
                            f"{cfg.coverage_penalty}); pass --coverage-penalty 0, or use --engine nmt")
@@ -324,15 +327,15 @@ class ExportedModel:
         for i, seq in enumerate(ids):
             if len(seq) > limit:
                 log.warning("%s:%d: %d subword tokens, truncated to the model's limit of %d",
-                            source_name, i + 1, len(seq), limit)
+                            source_name, first_line + i + 1, len(seq), limit)
                 ids[i] = seq[:limit]
-        results = [Translation(i, [""] * cfg.n_best, []) for i in range(len(lines))]
+        results = [Translation(first_line + i, [""] * cfg.n_best, []) for i in range(len(lines))]
         order = sorted((i for i, seq in enumerate(ids) if seq), key=lambda i: (len(ids[i]), i))
         for batch in _batches(order, [len(s) + 1 for s in ids], cfg.max_tokens, cfg.max_sentences):
             for i, nbest in zip(batch, self.search_batch([ids[i] for i in batch], cfg)):
                 texts = self.tokenizer.decode([h.tokens for h in nbest])
                 texts += [""] * (cfg.n_best - len(texts))
-                results[i] = Translation(i, [t.replace("\n", " ") for t in texts], nbest)
+                results[i] = Translation(first_line + i, [t.replace("\n", " ") for t in texts], nbest)
             if on_batch:
                 on_batch(len(batch))
         return results

@@ -114,9 +114,7 @@ def _blocks(path: Path) -> Iterator[tuple[list[str], int]]:
             try:
                 text = block.decode("utf-8")
             except UnicodeDecodeError:
-                # data.py's message, with the line numbered as in the file: as many line
-                # ends before the block as there are lines before it.
-                decode_lines(b"\n" * (first_line - 1) + block, str(path))
+                decode_lines(block, str(path), first_line=first_line)  # data.py's message, naming the line
                 raise
             if first_line == 1 and text.startswith("\ufeff"):
                 text = text[1:]

@@ -8,6 +8,9 @@ states are restored, so stopping and resuming gives the same parameters as not s
 Two clocks are kept apart: ``train_seconds`` counts the training loop, ``valid_seconds``
 counts validation and checkpoint writing; time limits and reports use the first.
 
+The corpus is read from the arrays ``nmt prepare`` writes (prepared here first if they are
+missing or stale), memory-mapped: every rank maps the same files and a resume re-opens them.
+
 Under torchrun every rank runs its backward passes on its own, then the gradients are summed
 over ranks once per update; a micro-batch that runs out of memory is split in halves.
 """
@@ -19,26 +22,28 @@ import logging
 import math
 import os
 import random
-import shutil
 import signal
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from nmt import checkpoint, config, distributed
-from nmt.batching import EpochBatches, collate
+from nmt.batching import ORDER_VERSION, EpochBatches, Update
 from nmt.config import Config
-from nmt.data import load_parallel, read_parallel
+from nmt.data import read_parallel
 from nmt.errors import NmtError
 from nmt.evaluate import bleu
 from nmt.loss import label_smoothed_nll
 from nmt.models import build_model, count_parameters
-from nmt.tokenizer import MODEL_FILE, Tokenizer, file_sha256, train_tokenizer
+from nmt.prepare import prepare_split, run_tokenizer
+from nmt.tokenizer import MODEL_FILE, Tokenizer
 from nmt.translate import translate_text
 
 log = logging.getLogger("nmt")
@@ -139,25 +144,6 @@ def prepare_run(cfg: Config, run_dir: Path, write: bool = True) -> tuple[Config,
     return cfg, resume
 
 
-def prepare_tokenizer(cfg: Config, run_dir: Path, train_src: Path, train_tgt: Path) -> Tokenizer:
-    path = run_dir / MODEL_FILE
-    if path.exists():
-        return Tokenizer(path)
-    if cfg.tokenizer.reuse:
-        source = Path(cfg.tokenizer.reuse)
-        source = source / MODEL_FILE if source.is_dir() else source
-        if not source.is_file():
-            raise NmtError(f"tokenizer.reuse: {source} does not exist; name a run directory "
-                           "that has an spm.model, or a .model file")
-        shutil.copyfile(source, path)
-        return Tokenizer(path)
-    src, tgt = read_parallel(train_src, train_tgt)
-    log.info("training a joint SentencePiece model (%d pieces) on %s and %s",
-             cfg.tokenizer.vocab_size, train_src.name, train_tgt.name)
-    return train_tokenizer([s.strip() for s in src] + [t.strip() for t in tgt], run_dir,
-                           cfg.tokenizer.vocab_size, cfg.tokenizer.model_type, cfg.train.seed)
-
-
 class JsonLog:
     def __init__(self, path: Path, enabled: bool = True):
         self.path = path
@@ -202,7 +188,12 @@ class JsonLog:
 # --- the trainer --------------------------------------------------------------------------
 
 class Trainer:
-    """Trains one model; under torchrun, one Trainer per rank (``ctx``), rank 0 the only writer."""
+    """Trains one model; under torchrun, one Trainer per rank (``ctx``), rank 0 the only writer.
+
+    ``__init__`` runs the setup phases in order, each a method of its own: precision and
+    threads, data (tokenizer, prepared corpora, batches), model, optimizer. ``train()``
+    then consumes ``updates``, the iterator of micro-batch groups the data side hands it.
+    """
 
     def __init__(self, cfg: Config, run_dir: Path, progress_bar: bool = True,
                  ctx: distributed.Context | None = None):
@@ -215,98 +206,115 @@ class Trainer:
         self.device = self.ctx.device
         self.progress_bar = progress_bar and self.main
         self.stop_requested = False
-        self._epoch_order: list[list[int]] = []  # the current epoch's batches, built once
-        self._epoch_order_of = 0
-        tc = cfg.train
-        if tc.threads:
-            torch.set_num_threads(tc.threads)
+        self.oom_splits = 0  # micro-batches split after running out of memory, since the last log record
+        self._warned_oom = False
+        self.state = Progress()
+        self.log = JsonLog(self.run_dir / "log.jsonl", enabled=self.main)
+        self.clock = TrainClock(self.device)
+        # Waits for rank 0's data preparation and for validation shares go through this group.
+        self.patient = distributed.patient_group(self.ctx)
+
+        self._setup_precision()
+        self._setup_threads()
+        self._setup_data()
+        self._setup_model()
+        self._setup_optimizer()
+
+    def _setup_precision(self) -> None:
+        """Autocast and loss scaling for ``train.precision``; refused before any work where it cannot run."""
+        precision = self.cfg.train.precision
+        if precision == "fp16" and self.device.type != "cuda":
+            raise NmtError("train.precision=fp16 needs a CUDA GPU (the CPU has no fp16 LSTM kernels and "
+                           "gains nothing from fp16); use bf16 or fp32 on the CPU")
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        self.autocast = torch.autocast(self.device.type, dtype=dtype) if dtype else nullcontext()
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
+
+    def _setup_threads(self) -> None:
+        if self.cfg.train.threads:
+            torch.set_num_threads(self.cfg.train.threads)
         elif self.ctx.distributed and self.device.type == "cpu":  # share the cores among local ranks
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.ctx.local_world_size))
-        torch.manual_seed(tc.seed)  # the same initial model on every rank
-        random.seed(tc.seed)
 
-        train_src, train_tgt = config.split_paths(cfg.data, "train")
-        read_parallel(train_src, train_tgt)  # every rank fails alike on bad data, before waiting
+    def _setup_data(self) -> None:
+        """The tokenizer, the train and valid splits mapped from their prepared arrays, the batches.
+
+        Rank 0 trains (or copies) the run's tokenizer and prepares both splits, or finds them
+        prepared (``nmt prepare``, an earlier start); the other ranks wait in the patient
+        group, since preparing a big corpus can outlast ``train.dist_timeout_minutes``. Then
+        every rank maps the same files: N ranks cost the page cache once. A resumed run finds
+        them up to date and encodes nothing.
+        """
+        cfg, tc = self.cfg, self.cfg.train
         if self.main:
-            prepare_tokenizer(cfg, self.run_dir, train_src, train_tgt)
-        distributed.barrier(self.ctx)
-        self.tokenizer = prepare_tokenizer(cfg, self.run_dir, train_src, train_tgt)
-        self.train_data = load_parallel(train_src, train_tgt, self.tokenizer, cfg.data.max_len)
-        valid_src, valid_tgt = config.split_paths(cfg.data, "valid")
-        self.valid_src, self.valid_ref = read_parallel(valid_src, valid_tgt)
-        self.valid_data = load_parallel(valid_src, valid_tgt, self.tokenizer, cfg.model.max_positions - 1)
+            self.tokenizer = run_tokenizer(cfg, self.run_dir, self.progress_bar)
+            self.train_data = prepare_split(cfg, self.tokenizer, "train", progress=self.progress_bar)
+            self.valid_data = prepare_split(cfg, self.tokenizer, "valid", progress=self.progress_bar)
+        distributed.barrier(self.ctx, self.patient)
+        if not self.main:
+            self.tokenizer = Tokenizer(self.run_dir / MODEL_FILE)
+            self.train_data = prepare_split(cfg, self.tokenizer, "train")
+            self.valid_data = prepare_split(cfg, self.tokenizer, "valid")
+        self.tokenizer_sha256 = self.tokenizer.sha256()
+
         self.batches = EpochBatches(self.train_data, tc.max_tokens, tc.seed, self.rank, self.world_size)
         if not self.batches.epoch(1):
             raise NmtError(f"train.max_tokens={tc.max_tokens} with {self.world_size} rank(s) leaves no "
                            "batch in an epoch; use fewer ranks or more data")
+        self.updates = self.batches.updates(tc.update_freq)
+        # Validation: the loss over every valid batch and BLEU over the first sentences, each
+        # rank a share of both.
+        self.valid_batches = EpochBatches(self.valid_data, tc.max_tokens, 0, self.rank, self.world_size,
+                                          drop_last=False)
+        src, ref = read_parallel(*config.split_paths(cfg.data, "valid"))
+        keep = tc.valid_max_sentences or len(src)
+        self.valid_src, self.valid_ref = src[:keep], ref[:keep]
 
-        self.model = build_model(cfg.model, len(self.tokenizer)).to(self.device)
+    def _setup_model(self) -> None:
+        tc = self.cfg.train
+        torch.manual_seed(tc.seed)  # the same initial model on every rank
+        random.seed(tc.seed)
+        self.model = build_model(self.cfg.model, len(self.tokenizer)).to(self.device)
         distributed.broadcast_module(self.ctx, self.model)  # one starting point, whatever the seeds did
-        self.oom_splits = 0  # micro-batches split after running out of memory, since the last log record
-        self._warned_oom = False
-        self.clock = TrainClock(self.device)
+
+    def _setup_optimizer(self) -> None:
+        tc = self.cfg.train
         torch.manual_seed(tc.seed + self.rank)  # different dropout masks on every rank
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=tc.lr, betas=tuple(tc.adam_betas),
                                           eps=tc.adam_eps, weight_decay=tc.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, inverse_sqrt(tc.warmup_steps))
-        self.state = Progress()
-        self.log = JsonLog(self.run_dir / "log.jsonl", enabled=self.main)
-        if tc.precision == "fp16" and self.device.type != "cuda":
-            raise NmtError("train.precision=fp16 needs a CUDA GPU (the CPU has no fp16 LSTM kernels and "
-                           "gains nothing from fp16); use bf16 or fp32 on the CPU")
-        self.autocast = (torch.autocast(self.device.type, dtype=getattr(torch, {"bf16": "bfloat16",
-                         "fp16": "float16"}[tc.precision])) if tc.precision != "fp32" else nullcontext())
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=tc.precision == "fp16")
 
     # --- checkpoints
-
-    def _meta(self) -> dict:
-        return {"config": config.to_dict(self.cfg), "model_kind": self.cfg.model.kind,
-                "tokenizer_sha256": file_sha256(self.tokenizer.path), "step": self.state.step,
-                "vocab_size": len(self.tokenizer)}
 
     def save(self, name: str, full: bool) -> None:
         """Write a checkpoint from rank 0; ``full`` (with training state) must be called on every rank."""
         rng = None
         if full:  # each rank's RNG, so every rank resumes its own dropout stream
-            rng = distributed.gather_objects(self.ctx, {
-                "torch": torch.get_rng_state(), "python": list(_flatten(random.getstate())),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []})
+            rng = distributed.gather_to_main(self.ctx, checkpoint.rng_state(), self.patient)
         if not self.main:
             return
-        state = {**self._meta(), "model": self.model.state_dict(), "world_size": self.world_size}
+        state = checkpoint.model_state(config.to_dict(self.cfg), self.cfg.model.kind, self.tokenizer_sha256,
+                                       self.state.step, len(self.tokenizer), self.model, self.world_size)
         if full:
-            state.update(
-                optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
-                scaler=self.scaler.state_dict(), progress=vars(self.state).copy(), rng=rng)
+            state.update(checkpoint.training_state(self.optimizer, self.scheduler, self.scaler,
+                                                   vars(self.state), rng, ORDER_VERSION))
         checkpoint.save(state, self.run_dir / name)
 
     def resume(self) -> None:
+        """Continue from ``last.pt``: parameters, optimizer, schedule, position in the batch order, RNGs."""
         path = self.run_dir / "last.pt"
-        state = checkpoint.load(path, file_sha256(self.tokenizer.path))
-        if state.get("model_kind") != self.cfg.model.kind:
-            raise NmtError(f"{path} holds a {state.get('model_kind')} model but the recipe asks "
-                           f"for {self.cfg.model.kind}; train into a new --run directory")
-        if "optimizer" not in state:
-            raise NmtError(f"{path} has no training state to resume from; train into a new --run")
-        if state.get("world_size", 1) != self.world_size:
-            raise NmtError(f"{path} was trained on {state.get('world_size', 1)} rank(s), this job has "
-                           f"{self.world_size}: the batch order and effective batch depend on it; resume "
-                           f"with --nproc {state.get('world_size', 1)}, or train into a new --run directory")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.state = Progress(**state["progress"])
-        rng = state["rng"]
-        if "torch" not in rng:  # one generator state per rank; older checkpoints kept one
-            rng = rng[self.rank]
-        torch.set_rng_state(rng["torch"])
-        random.setstate(_unflatten(rng["python"]))
-        if rng["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        state = checkpoint.load(path, self.tokenizer_sha256)
+        checkpoint.check_resumable(state, path, self.cfg.model.kind, self.world_size, ORDER_VERSION)
+        progress = checkpoint.restore_training(state, self.model, self.optimizer, self.scheduler, self.scaler,
+                                               self.rank)
+        self.state = Progress(**progress)
+        self.updates = self._updates_from_position()
         self.log.truncate_after(self.state.step)
         log.info("resuming %s at step %d (epoch %d)", self.run_dir, self.state.step, self.state.epoch)
+
+    def _updates_from_position(self) -> Iterator[Update]:
+        st = self.state
+        return self.batches.updates(self.cfg.train.update_freq, st.epoch, st.batch_in_epoch)
 
     # --- training
 
@@ -322,33 +330,19 @@ class Trainer:
             return f"no better valid BLEU in {tc.patience} validations (train.patience)"
         return None
 
-    def _next_group(self, advance: bool = True) -> list[list[int]]:
-        """The micro-batches of the next update; ``advance`` moves the position in the epoch on."""
-        st, uf = self.state, self.cfg.train.update_freq
-        order = self._epoch_order if self._epoch_order_of == st.epoch else self.batches.epoch(st.epoch)
-        self._epoch_order, self._epoch_order_of = order, st.epoch
-        group = order[st.batch_in_epoch : st.batch_in_epoch + uf]
-        if advance:
-            st.batch_in_epoch += len(group)
-            if st.batch_in_epoch >= len(order):
-                st.epoch, st.batch_in_epoch = st.epoch + 1, 0
-        return group
+    def update(self, upd: Update, total_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """One optimizer step over the micro-batches of ``upd``; returns summed loss, nll, tokens.
 
-    def _target_tokens(self, group: list[list[int]]) -> int:
-        return sum(len(self.train_data.tgt[i]) + 1 for idx in group for i in idx)
-
-    def update(self, group: list[list[int]], total_tokens: int | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """One optimizer step over the micro-batches of ``group``; returns summed loss, nll, tokens.
-
-        ``total_tokens`` is the number of target tokens in this update over all ranks: each
-        rank's loss is divided by it and the ranks' gradients are summed, so N ranks make the
-        same update as one rank with all N batches. The loss and nll returned are this rank's.
+        ``total_tokens`` is the number of target tokens in this update over all ranks (this
+        rank's by default): each rank's loss is divided by it and the ranks' gradients are
+        summed, so N ranks make the same update as one rank with all N batches. The loss and
+        nll returned are this rank's. The position in the epoch is the caller's to keep
+        (``upd.next_position``).
         """
         tc = self.cfg.train
-        total_tokens = total_tokens or self._target_tokens(group)
+        total_tokens = total_tokens or upd.target_tokens
         self.model.train()
-        loss_sum, nll_sum = self._backward_all(group, 1.0 / total_tokens)
+        loss_sum, nll_sum = self._backward_all(upd.batches, 1.0 / total_tokens)
         # The gradients travel once, after this rank's last backward pass: no rank is inside a
         # collective while another may still run out of memory and split its batch. The cost
         # against DDP's bucket hooks is the overlap of that all-reduce with the backward pass.
@@ -361,7 +355,7 @@ class Trainer:
         self.scheduler.step()
         return loss_sum, nll_sum, total_tokens
 
-    def _backward_all(self, group: list[list[int]], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def _backward_all(self, group: Iterable[np.ndarray], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward and backward over every micro-batch, gradients accumulated; (loss sum, nll sum).
 
         A piece that runs out of memory is replaced by its two halves, down to single sentences:
@@ -370,7 +364,7 @@ class Trainer:
         part of the piece's gradient may be in them already, so the update starts over with the
         pieces it has by then. None of this talks to other ranks.
         """
-        pieces = [list(idx) for idx in group]
+        pieces = list(group)
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = nll_sum = torch.zeros((), device=self.device)
         i = 0
@@ -387,9 +381,9 @@ class Trainer:
                 i = 0
         return loss_sum, nll_sum
 
-    def _forward_backward(self, idx: list[int], scale: float) -> tuple[torch.Tensor, torch.Tensor] | str:
+    def _forward_backward(self, idx: np.ndarray, scale: float) -> tuple[torch.Tensor, torch.Tensor] | str:
         """Forward and backward of one piece: its (loss, nll), or the phase that ran out of memory."""
-        batch = collate(self.train_data, idx).to(self.device)
+        batch = self.batches.collate(idx).to(self.device)
         phase = "forward"
         try:
             with self.autocast:
@@ -404,7 +398,7 @@ class Trainer:
             return phase  # leaving the handler drops the exception, and with it the failed graph
         return loss.detach(), nll
 
-    def _halves(self, idx: list[int]) -> list[list[int]]:
+    def _halves(self, idx: np.ndarray) -> list[np.ndarray]:
         """The two halves of a piece that ran out of memory (a batch holds pairs of similar lengths)."""
         data, step = self.train_data, self.state.step + 1
         if len(idx) == 1:
@@ -419,30 +413,54 @@ class Trainer:
         return [idx[: len(idx) // 2], idx[len(idx) // 2 :]]
 
     @torch.no_grad()
-    def validate(self) -> dict:
+    def validate(self) -> dict | None:
+        """Valid loss, perplexity and BLEU: on rank 0 the result, on the other ranks None.
+
+        Every rank computes the loss of its share of the valid batches and translates its
+        share of the BLEU sentences (every N-th, so that all get long and short ones); the
+        shares meet in one gather in the patient group, so no rank waits inside a collective
+        with a short timeout while others translate, and rank 0 scores the sentences in their
+        order. Translations do not depend on the batch they are in: BLEU is that of one rank.
+        """
         self.model.eval()
         loss_sum, nll_sum, ntokens = 0.0, 0.0, 0
-        batches = EpochBatches(self.valid_data, self.cfg.train.max_tokens, 0).epoch(0)
-        for idx in batches:
-            batch = collate(self.valid_data, idx).to(self.device)
+        for idx in self.valid_batches.epoch(0):
+            batch = self.valid_batches.collate(idx).to(self.device)
             with self.autocast:
-                logits = self.model(batch.src, batch.src_lens, batch.tgt_in)
+                logits = self.model(batch.src, batch.src_lens, batch.tgt_in)  # (B, T, V)
             loss, nll = label_smoothed_nll(logits, batch.tgt_out, self.cfg.train.label_smoothing)
             loss_sum, nll_sum, ntokens = loss_sum + float(loss), nll_sum + float(nll), ntokens + batch.ntokens
         search = replace(self.cfg.search, beam=self.cfg.train.valid_beam, n_best=1)
-        hyps = translate_text(self.model, self.tokenizer, self.valid_src, search)
-        score = bleu(hyps, self.valid_ref)
+        hyps = translate_text(self.model, self.tokenizer, self.valid_src[self.rank :: self.world_size], search)
+        shares = distributed.gather_to_main(self.ctx, (loss_sum, nll_sum, ntokens, hyps), self.patient)
+        if shares is None:
+            return None
+        loss_sum, nll_sum, ntokens = (sum(share[k] for share in shares) for k in range(3))
+        all_hyps: list[str] = [""] * len(self.valid_src)
+        for rank, share in enumerate(shares):
+            all_hyps[rank :: self.world_size] = share[3]
+        score = bleu(all_hyps, self.valid_ref)
         return {"valid_loss": loss_sum / ntokens, "valid_ppl": math.exp(min(nll_sum / ntokens, 50)),
                 "valid_bleu": score.score, "valid_bleu_signature": score.signature}
 
     def _validate_and_save(self) -> None:
-        """Validate on rank 0; every rank takes part in writing ``last.pt`` (it holds all RNGs)."""
-        st, tc = self.state, self.cfg.train
-        if not self.main:
-            self.save("last.pt", full=True)
-            return
+        """Validate (every rank a share) and write checkpoints (rank 0; ``last.pt`` holds every rank's RNG)."""
+        st = self.state
         start = time.perf_counter()
         result = self.validate()
+        improved = self.main and self._keep_checkpoints(result)
+        st.valid_seconds += time.perf_counter() - start
+        self.save("last.pt", full=True)
+        if not self.main:
+            return
+        self.log.write(event="valid", step=st.step, epoch=st.epoch, **result, best_bleu=st.best_bleu,
+                       train_seconds=round(st.train_seconds, 3), valid_seconds=round(st.valid_seconds, 3))
+        log.info("step %d: valid loss %.3f, ppl %.2f, BLEU %.2f%s", st.step, result["valid_loss"],
+                 result["valid_ppl"], result["valid_bleu"], " (best)" if improved else "")
+
+    def _keep_checkpoints(self, result: dict) -> bool:
+        """On rank 0: ``best.pt`` if BLEU improved (returns whether), the step checkpoint, the patience count."""
+        st, tc = self.state, self.cfg.train
         improved = result["valid_bleu"] > st.best_bleu
         if improved:
             st.best_bleu, st.best_step, st.bad_validations = result["valid_bleu"], st.step, 0
@@ -453,12 +471,7 @@ class Trainer:
             self.save(f"checkpoints/step{st.step}.pt", full=False)
             st.saved_steps = [*st.saved_steps, st.step][-tc.keep_last:]
             self._prune_step_checkpoints()
-        st.valid_seconds += time.perf_counter() - start
-        self.save("last.pt", full=True)
-        self.log.write(event="valid", step=st.step, epoch=st.epoch, **result, best_bleu=st.best_bleu,
-                       train_seconds=round(st.train_seconds, 3), valid_seconds=round(st.valid_seconds, 3))
-        log.info("step %d: valid loss %.3f, ppl %.2f, BLEU %.2f%s", st.step, result["valid_loss"],
-                 result["valid_ppl"], result["valid_bleu"], " (best)" if improved else "")
+        return improved
 
     def _prune_step_checkpoints(self) -> None:
         if not self.main:
@@ -473,22 +486,33 @@ class Trainer:
             raise KeyboardInterrupt
         self.stop_requested = True
 
-    def train(self) -> Progress:
+    def _log_start(self) -> None:
+        tc = self.cfg.train
+        if self.state.step == 0:
+            self.log.write(event="start", params=count_parameters(self.model), device=str(self.device),
+                           world_size=self.world_size, threads=torch.get_num_threads(),
+                           precision=tc.precision, max_tokens=tc.max_tokens, update_freq=tc.update_freq,
+                           effective_batch_tokens=self.world_size * tc.max_tokens * tc.update_freq,
+                           train_pairs=len(self.train_data), step=0)
+        log.info("model %s: %s parameters; %s training pairs; %d threads on %s", self.cfg.model.kind,
+                 f"{count_parameters(self.model):,}", f"{len(self.train_data):,}", torch.get_num_threads(),
+                 self.device)
+
+    def train(self, updates: Iterable[Update] | None = None) -> Progress:
+        """Train until a limit, early stop or signal; validate and checkpoint on the way.
+
+        ``updates`` are the micro-batch groups to train on, by default ``self.updates``: the
+        data side's iterator from the current position. Each update made moves the position
+        to the one it names, so a checkpoint resumes right after it.
+        """
         tc, st = self.cfg.train, self.state
         reason = self._limits_reached()
         if reason:
             log.info("%s: already finished (%s); raise the limit to train further", self.run_dir, reason)
             self.log.restore_end()
             return st
-        if st.step == 0:
-            self.log.write(event="start", params=count_parameters(self.model), device=str(self.device),
-                           world_size=self.world_size, threads=torch.get_num_threads(),
-                           precision=tc.precision, max_tokens=tc.max_tokens, update_freq=tc.update_freq,
-                           effective_batch_tokens=self.world_size * tc.max_tokens * tc.update_freq,
-                           train_pairs=len(self.train_data), step=0)
-        log.info("model %s: %s parameters; %d training pairs; %d threads on %s", self.cfg.model.kind,
-                 f"{count_parameters(self.model):,}", len(self.train_data), torch.get_num_threads(),
-                 self.device)
+        updates = iter(updates) if updates is not None else self.updates
+        self._log_start()
         handlers = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)} \
             if _main_thread() else {}
         bar = tqdm(total=tc.max_steps or None, initial=st.step, disable=not self.progress_bar,
@@ -501,16 +525,17 @@ class Trainer:
                 # One collective per update carries both the stop decision (any rank's limit or
                 # signal) and the update's target tokens over all ranks.
                 reason = self._limits_reached()
-                group = self._next_group(advance=False)
-                stop, interrupt, ntokens = distributed.all_sum(
-                    self.ctx, [float(reason is not None), float(self.stop_requested), self._target_tokens(group)])
+                upd = next(updates) if reason is None else None
+                stop, interrupt, ntokens = distributed.all_sum(self.ctx, [
+                    float(reason is not None), float(self.stop_requested), float(upd.target_tokens if upd else 0)])
                 if interrupt:
                     raise _Interrupted
                 if stop:
                     reason = reason or "another rank reached its limit"
                     break
-                loss, nll, ntokens = self.update(self._next_group(), int(ntokens))
+                loss, nll, ntokens = self.update(upd, int(ntokens))
                 st.step += 1
+                st.epoch, st.batch_in_epoch = upd.next_position
                 self._count_train_time(window, self.clock.lap())
                 # Summed on the device; read once per log window, not once per step.
                 window["loss"] = window["loss"] + loss
@@ -538,6 +563,7 @@ class Trainer:
         finally:
             for s, h in handlers.items():
                 signal.signal(s, h)
+            self.updates = self._updates_from_position()  # an update taken but not made is taken again
         bar.close()
         self._count_train_time(window, self.clock.stop())
         if window["steps"]:
@@ -597,15 +623,6 @@ class _Interrupted(Exception):
 def _main_thread() -> bool:
     import threading
     return threading.current_thread() is threading.main_thread()
-
-
-def _flatten(state) -> list:
-    version, internal, gauss = state
-    return [version, *internal, gauss]
-
-
-def _unflatten(flat: list):
-    return (flat[0], tuple(flat[1:-1]), flat[-1])
 
 
 def train(cfg: Config, run_dir: Path, progress_bar: bool = True) -> Progress:

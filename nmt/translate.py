@@ -6,18 +6,30 @@ sorted by length so batches hold similar lengths, and every sentence's search is
 independent of the others in its batch, so the output does not depend on batch size.
 ``translate_each`` searches every batch under several settings after encoding it once
 (choosing search settings on a validation set).
+
+Input of any size streams through ``read_chunks`` and ``translate_stream``: a chunk of lines
+at a time (the first of at most 64, doubling up to a budget), sorted and batched within
+the chunk, its translations handed back in input order before the next chunk is read. A
+chunk is also cut when no more input is waiting, so a line typed into a pipe is translated
+at once. Memory is bounded by the chunk, and the output is the same for any chunk size,
+since it is for any batch size.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import select
 import time
-from collections.abc import Callable, Iterable
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import BinaryIO, Protocol
 
 import torch
 
 from nmt.config import SearchConfig
+from nmt.data import decode_lines
 from nmt.models.base import Seq2Seq
 from nmt.search import Hypothesis, search
 from nmt.tokenizer import EOS, PAD, Tokenizer
@@ -53,27 +65,33 @@ def _batches(lengths: list[int], order: list[int], max_tokens: int,
         yield batch
 
 
-def _source_ids(tokenizer: Tokenizer, lines: list[str], limit: int, source_name: str) -> list[list[int]]:
+def _source_ids(tokenizer: Tokenizer, lines: list[str], limit: int, source_name: str,
+                first_line: int = 0) -> list[list[int]]:
     ids = tokenizer.encode([line.strip() for line in lines])
     for i, seq in enumerate(ids):
         if len(seq) > limit:
             log.warning("%s:%d: %d subword tokens, truncated to the model's limit of %d",
-                        source_name, i + 1, len(seq), limit)
+                        source_name, first_line + i + 1, len(seq), limit)
             ids[i] = seq[:limit]
     return ids
 
 
 def translate(model: Seq2Seq, tokenizer: Tokenizer, lines: list[str], cfg: SearchConfig,
               on_batch: Callable[[int], None] | None = None, keep_attention: bool = False,
-              source_name: str = "<stdin>") -> list[Translation]:
-    """Translate ``lines``; ``on_batch(n)`` is told after each batch of n sentences."""
-    (decoding,) = translate_each(model, tokenizer, lines, [cfg], on_batch, keep_attention, source_name)
+              source_name: str = "<stdin>", first_line: int = 0) -> list[Translation]:
+    """Translate ``lines``; ``on_batch(n)`` is told after each batch of n sentences.
+
+    ``first_line``: how many lines of the input came before these (when it is read in
+    chunks); ``Translation.line`` and warnings count from there.
+    """
+    (decoding,) = translate_each(model, tokenizer, lines, [cfg], on_batch, keep_attention, source_name,
+                                 first_line)
     return decoding.translations
 
 
 def translate_each(model: Seq2Seq, tokenizer: Tokenizer, lines: list[str], cfgs: list[SearchConfig],
                    on_batch: Callable[[int], None] | None = None, keep_attention: bool = False,
-                   source_name: str = "<stdin>") -> list[Decoding]:
+                   source_name: str = "<stdin>", first_line: int = 0) -> list[Decoding]:
     """Translate ``lines`` once under each of ``cfgs``, running the encoder once per batch.
 
     The configs must batch alike (``max_tokens``, ``max_sentences``); they may differ in
@@ -83,7 +101,7 @@ def translate_each(model: Seq2Seq, tokenizer: Tokenizer, lines: list[str], cfgs:
     if any((c.max_tokens, c.max_sentences) != (first.max_tokens, first.max_sentences) for c in cfgs):
         raise ValueError("translate_each: the configs must have the same max_tokens and max_sentences")
     device = next(model.parameters()).device
-    ids = _source_ids(tokenizer, lines, model.max_positions - 1, source_name)  # room for EOS
+    ids = _source_ids(tokenizer, lines, model.max_positions - 1, source_name, first_line)  # room for EOS
     results: list[list[Translation | None]] = [[None] * len(lines) for _ in cfgs]
     todo = [i for i, seq in enumerate(ids) if seq]
     for out, cfg in zip(results, cfgs):
@@ -114,6 +132,9 @@ def translate_each(model: Seq2Seq, tokenizer: Tokenizer, lines: list[str], cfgs:
                 on_batch(len(batch))
     finally:
         model.train(was_training)
+    for out in results:  # lines counted in the whole input, not in this chunk of it
+        for t in out:
+            t.line += first_line
     return [Decoding(cfg, out, s) for cfg, out, s in zip(cfgs, results, seconds)]  # type: ignore[arg-type]
 
 
@@ -121,3 +142,97 @@ def translate_text(model: Seq2Seq, tokenizer: Tokenizer, lines: list[str],
                    cfg: SearchConfig) -> list[str]:
     """The best translation of each line."""
     return [t.texts[0] for t in translate(model, tokenizer, lines, cfg)]
+
+
+# --- streaming: input of any size, a chunk at a time ---------------------------------------
+
+FIRST_CHUNK = 64  # lines in the first chunk: the first translations come out soon
+CHUNK_LINES = 2000  # the most lines in a chunk (the budget the chunks double up to)
+READ_BYTES = 1 << 16
+
+
+class _Lines:
+    """Complete lines of a binary stream (bytes, without line ends), as they arrive.
+
+    With a file descriptor (a pipe, a terminal, a file) ``waiting()`` asks ``select``
+    whether more can be read now without blocking; reads go to the descriptor itself, so
+    no buffer of Python's holds input that ``select`` cannot see. A stream without one
+    (an in-memory buffer) always has more waiting until it ends.
+    """
+
+    def __init__(self, stream: BinaryIO):
+        self.stream = stream
+        try:
+            self.fd: int | None = stream.fileno()
+        except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError
+            self.fd = None
+        self.lines: deque[bytes] = deque()
+        self.partial: list[bytes] = []  # a line whose end has not been read yet
+        self.ended = False
+
+    def waiting(self) -> bool:
+        if self.ended:
+            return False
+        return self.fd is None or bool(select.select([self.fd], [], [], 0)[0])
+
+    def read(self) -> None:
+        """Read what there is (waiting for something if nothing is there yet)."""
+        if self.fd is not None:
+            data = os.read(self.fd, READ_BYTES)
+        else:
+            data = self.stream.read1(READ_BYTES) if hasattr(self.stream, "read1") else self.stream.read(READ_BYTES)
+        if not data:
+            self.ended = True
+            if self.partial:  # a last line without a line end
+                self.lines.append(b"".join(self.partial))
+                self.partial = []
+            return
+        *complete, rest = data.split(b"\n")
+        if complete:
+            complete[0] = b"".join([*self.partial, complete[0]])
+            self.partial = []
+            self.lines.extend(complete)
+        if rest:
+            self.partial.append(rest)
+
+
+def read_chunks(stream: BinaryIO, chunk_lines: int = CHUNK_LINES, first: int = FIRST_CHUNK,
+                on_bad_line: str = "error", name: str = "<stdin>") -> Iterator[list[str]]:
+    """The lines of a UTF-8 byte stream, a chunk at a time, as ``data.decode_lines`` reads them.
+
+    The first chunk has at most ``first`` lines, each next one twice as many, up to
+    ``chunk_lines``. A chunk is cut short when no more input is waiting, so that the lines
+    typed so far into an interactive pipe are handed on without waiting for the end.
+    Errors and warnings name lines by their number in the whole stream.
+    """
+    source = _Lines(stream)
+    size, first_line = min(first, chunk_lines), 1
+    while True:
+        while len(source.lines) < size and not source.ended and (not source.lines or source.waiting()):
+            source.read()
+        if not source.lines:
+            return
+        raw = [source.lines.popleft() for _ in range(min(size, len(source.lines)))]
+        yield decode_lines(b"".join(line + b"\n" for line in raw), name, on_bad_line, first_line)
+        first_line += len(raw)
+        size = min(2 * size, chunk_lines)
+
+
+class Decode(Protocol):
+    """What translates a list of lines: ``translate`` bound to a model, or an exported engine's."""
+
+    def __call__(self, lines: list[str], cfg: SearchConfig, *, on_batch: Callable[[int], None] | None,
+                 source_name: str, first_line: int) -> list[Translation]: ...
+
+
+def translate_stream(decode: Decode, chunks: Iterable[list[str]], cfg: SearchConfig,
+                     on_batch: Callable[[int], None] | None = None,
+                     source_name: str = "<stdin>") -> Iterator[list[Translation]]:
+    """The translations of each chunk, in input order, handed back before the next chunk is read.
+
+    ``Translation.line`` counts lines from the start of the stream.
+    """
+    done = 0
+    for lines in chunks:
+        yield decode(lines, cfg, on_batch=on_batch, source_name=source_name, first_line=done)
+        done += len(lines)

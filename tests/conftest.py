@@ -60,6 +60,15 @@ def tiny_recipe(data_dir: Path, **train) -> dict:
     }
 
 
+@pytest.fixture(scope="session", autouse=True)
+def prepared_cache(tmp_path_factory):
+    """Prepared corpora go to the test session's own cache, never to the user's ~/.cache/nmt."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("NMT_CACHE", str(tmp_path_factory.mktemp("nmt-cache")))
+    yield
+    patch.undo()
+
+
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> Path:
     return write_corpus(tmp_path_factory.mktemp("corpus"))

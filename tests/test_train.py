@@ -310,7 +310,7 @@ def deterministic(corpus: Path, spm_model: str) -> config.Config:
 
 def parameters_after_updates(trainer: Trainer, updates: int) -> dict[str, torch.Tensor]:
     for _ in range(updates):
-        trainer.update(trainer._next_group())
+        trainer.update(next(trainer.updates))
     return {k: v.clone() for k, v in trainer.model.state_dict().items()}
 
 
@@ -333,7 +333,7 @@ def test_one_sentence_that_does_not_fit_is_a_clear_error(tmp_path: Path, corpus:
     fail_above(trainer.model, 0)
     with pytest.raises(NmtError, match=r"step 1: one sentence pair \(\d+ source, \d+ target tokens\) does "
                                        r"not fit in cpu memory on its own; lower data.max_len"):
-        trainer.update(trainer._next_group())
+        trainer.update(next(trainer.updates))
 
 
 def test_other_runtime_errors_are_not_taken_for_out_of_memory(tmp_path: Path, corpus: Path, spm_model: str) -> None:
@@ -344,7 +344,7 @@ def test_other_runtime_errors_are_not_taken_for_out_of_memory(tmp_path: Path, co
 
     trainer.model.encode = broken
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
-        trainer.update(trainer._next_group())
+        trainer.update(next(trainer.updates))
     assert trainer.oom_splits == 0
 
 
