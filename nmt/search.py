@@ -1,8 +1,12 @@
 """Greedy and batched beam search over the Seq2Seq contract.
 
 The search sees a model only through ``encode``, ``init_state``, ``step``,
-``state.select`` and ``state.attention``; it never asks which model it has. Its settings
-are a ``SearchConfig`` (nmt/config.py), the one place that holds their defaults.
+``state.select`` and ``state.attention`` (nmt/models/base.py); it never asks which model it
+has. It keeps the rows of a sentence together (row r is beam r % k of sentence r // k), so
+a model keeps what a sentence's beams share once per sentence; it tells ``select`` which
+sentences stay only when some leave, and asks ``step`` for attention only when it uses it
+(coverage penalty, ``keep_attention``). Its settings are a ``SearchConfig``
+(nmt/config.py), the one place that holds their defaults.
 
 Rules applied to every step's log-probs, in greedy and beam search alike (another decoder
 that must give nmt's output, e.g. an exported model, applies the same ones):
@@ -74,17 +78,16 @@ def max_lengths(src_lens: torch.Tensor, cfg: SearchConfig, limit: int) -> torch.
     return lengths.clamp(min=cfg.min_len + 1).clamp(min=1, max=limit)
 
 
-def apply_rules(log_probs: torch.Tensor, step: int, at_limit: torch.Tensor, min_len: int) -> torch.Tensor:
-    """The (N, V) log-probs of target token ``step`` (0-based) with the module's rules applied.
-
-    ``at_limit`` (N,) marks the rows whose sentence must end at this step.
+def _forbid(log_probs: torch.Tensor, step: int, min_len: int, never: torch.Tensor) -> torch.Tensor:
+    """Apply the column rules to the (N, V) log-probs of target token ``step``, in place:
+    ``never`` (PAD, BOS, UNK) and, before ``min_len``, EOS get -inf. Returns EOS's log-probs
+    (N,) as they were, for the rows at their length limit, where EOS is allowed regardless.
     """
-    ids = torch.arange(log_probs.size(-1), device=log_probs.device)  # (V,)
-    never = (ids == PAD) | (ids == BOS) | (ids == UNK)
+    eos = log_probs[:, EOS].clone()
+    log_probs.index_fill_(1, never, float("-inf"))
     if step < min_len:
-        never |= ids == EOS
-    forbidden = torch.where(at_limit[:, None], ids != EOS, never)  # (N, V)
-    return log_probs.masked_fill(forbidden, float("-inf"))
+        log_probs[:, EOS] = float("-inf")
+    return eos
 
 
 @torch.no_grad()
@@ -92,50 +95,111 @@ def greedy_search(model: Seq2Seq, src: torch.Tensor, src_lens: torch.Tensor, cfg
                   memory: Memory | None = None) -> list[list[Hypothesis]]:
     """Most probable allowed token at every step; finished sentences leave the batch.
 
-    ``memory`` is ``model.encode(src, src_lens)`` when the caller already has it.
+    ``memory`` is ``model.encode(src, src_lens)`` when the caller already has it. Host
+    syncs: the longest limit once, then one per step (which rows go on), and the tokens
+    and scores copied out once at the end.
     """
+    device = src.device
     n = src.size(0)
-    limits = max_lengths(src_lens, cfg, model.max_positions)
-    state = model.init_state(model.encode(src, src_lens) if memory is None else memory)
-    alive = torch.arange(n, device=src.device)  # original sentence of each row
-    tokens = torch.full((n,), BOS, dtype=torch.long, device=src.device)
-    out: list[list[int]] = [[] for _ in range(n)]
-    scores = [0.0] * n
-    total = torch.zeros(n, device=src.device)
-    for t in range(int(limits.max())):
+    limits = max_lengths(src_lens, cfg, model.max_positions)  # (n,)
+    steps = int(limits.max())
+    state = model.init_state(model.encode(src, src_lens) if memory is None else memory, beam=1)
+    never = torch.tensor(NEVER_GENERATED, device=device)
+    alive = torch.arange(n, device=device)  # original sentence of each row
+    row_limits = limits  # (N,)
+    tokens = torch.full((n,), BOS, dtype=torch.long, device=device)  # (N,) last token of each row
+    total = torch.zeros(n, device=device)  # (N,) cumulative log-probs
+    out = torch.full((n, steps), EOS, dtype=torch.long, device=device)  # (n, T) tokens, EOS included
+    final = torch.zeros(n, device=device)  # (n,) log-prob of each sentence, as it ended
+    for t in range(steps):
         log_probs, state = model.step(tokens, state)  # (N, V)
-        log_probs = apply_rules(log_probs, t, limits[alive] <= t + 1, cfg.min_len)
+        eos = _forbid(log_probs, t, cfg.min_len, never)
         best, tokens = log_probs.max(-1)
-        total = total + best
-        done = tokens == EOS
-        # One transfer per step for every row, not one per token.
-        for sent, tok in zip(alive.tolist(), tokens.tolist()):
-            if tok != EOS:
-                out[sent].append(tok)
-        if bool(done.any()):
-            for row in done.nonzero().flatten().tolist():
-                scores[int(alive[row])] = float(total[row])
-            keep = (~done).nonzero().flatten()
+        at_limit = row_limits <= t + 1  # these rows may only end
+        tokens = tokens.masked_fill(at_limit, EOS)
+        total = total + torch.where(at_limit, eos, best)
+        out[alive, t] = tokens
+        final[alive] = total
+        keep = (tokens != EOS).nonzero().flatten()  # the step's one host sync: who goes on
+        if keep.numel() < alive.numel():
             if keep.numel() == 0:
                 break
-            alive, tokens, total = alive[keep], tokens[keep], total[keep]
-            state = state.select(keep)
+            alive, tokens, total, row_limits = alive[keep], tokens[keep], total[keep], row_limits[keep]
+            state = state.select(keep, keep)
     alpha = cfg.length_penalty
-    return [[Hypothesis(out[i], scores[i] / length_penalty(len(out[i]) + 1, alpha), scores[i])]
-            for i in range(n)]
+    out_rows, finals = out.tolist(), final.tolist()
+    hyps = []
+    for row, log_prob in zip(out_rows, finals):
+        words = row[: row.index(EOS)]
+        hyps.append([Hypothesis(words, log_prob / length_penalty(len(words) + 1, alpha), log_prob)])
+    return hyps
 
 
-def _retired(finished: list[list[Hypothesis]], next_scores: torch.Tensor, limits: torch.Tensor,
-             step: int, cfg: SearchConfig) -> torch.Tensor:
+@dataclass
+class _Finished:
+    """The best ``k`` finished hypotheses of every sentence, kept on the device, best first.
+
+    A slot whose score is -inf is empty. ``add`` merges a step's new hypotheses in with a
+    stable sort, so among equal scores the earlier (and within a step, the better-ranked
+    candidate) comes first.
+    """
+
+    score: torch.Tensor  # (n, k) ranking score
+    log_prob: torch.Tensor  # (n, k)
+    tokens: torch.Tensor  # (n, k, T) without BOS; PAD after the last word
+    length: torch.Tensor  # (n, k) words, EOS not counted
+    attention: torch.Tensor | None  # (n, k, T, S), only when kept
+
+    @classmethod
+    def empty(cls, n: int, k: int, steps: int, src_len: int | None, device: torch.device) -> _Finished:
+        attention = None if src_len is None else torch.zeros(n, k, steps, src_len, device=device)
+        return cls(torch.full((n, k), float("-inf"), device=device), torch.zeros(n, k, device=device),
+                   torch.full((n, k, steps), PAD, dtype=torch.long, device=device),
+                   torch.zeros(n, k, dtype=torch.long, device=device), attention)
+
+    def add(self, sentences: torch.Tensor, score: torch.Tensor, log_prob: torch.Tensor, tokens: torch.Tensor,
+            length: int, attention: torch.Tensor | None) -> torch.Tensor:
+        """Merge (n', k) new hypotheses (score -inf where none) of ``sentences`` (n',);
+        returns the sentences' merged scores (n', k)."""
+        k = score.size(1)
+        scores = torch.cat([self.score[sentences], score], 1)  # (n', 2k)
+        order = scores.sort(dim=1, descending=True, stable=True).indices[:, :k]  # (n', k)
+
+        def merged(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+            both = torch.cat([old[sentences], new], 1)  # (n', 2k, ...)
+            return both.gather(1, order.view(*order.shape, *[1] * (both.dim() - 2)).expand(-1, -1, *both.shape[2:]))
+
+        best = scores.gather(1, order)
+        self.score[sentences] = best
+        self.log_prob[sentences] = merged(self.log_prob, log_prob)
+        self.tokens[sentences] = merged(self.tokens, tokens)
+        self.length[sentences] = merged(self.length, torch.full_like(self.length[sentences], length))
+        if self.attention is not None and attention is not None:
+            self.attention[sentences] = merged(self.attention, attention)
+        return best
+
+    def hypotheses(self, n_best: int) -> list[list[Hypothesis]]:
+        """Each sentence's n_best hypotheses, best first (one copy to the host)."""
+        scores, log_probs = self.score.tolist(), self.log_prob.tolist()
+        tokens, lengths = self.tokens.tolist(), self.length.tolist()
+        out = []
+        for i, row in enumerate(scores):
+            out.append([Hypothesis(tokens[i][j][: lengths[i][j]], score, log_probs[i][j],
+                                   None if self.attention is None else self.attention[i, j, : lengths[i][j] + 1])
+                        for j, score in enumerate(row[:n_best]) if score > float("-inf")])
+        return out
+
+
+def _retired(best: torch.Tensor, next_scores: torch.Tensor, limits: torch.Tensor, step: int,
+             cfg: SearchConfig) -> torch.Tensor:
     """(n_alive,) True for the sentences whose search is over after target token ``step``.
 
-    ``finished`` holds each alive sentence's finished hypotheses, best first;
-    ``next_scores`` (n_alive, k) the cumulative log-probs of the beams that go on.
+    ``best`` (n_alive, k) holds each alive sentence's finished scores, best first (-inf for
+    an empty slot); ``next_scores`` (n_alive, k) the cumulative log-probs of the beams that go on.
     """
-    device = next_scores.device
     done = limits <= step + 1
     if cfg.stop == "standard":
-        return done | torch.tensor([len(f) >= cfg.beam for f in finished], device=device)
+        return done | torch.isfinite(best[:, cfg.beam - 1])  # beam finished hypotheses
     # The exact rule. An alive beam has step + 1 tokens and cumulative log-prob s <= 0; any
     # hypothesis it leads to ends with a length L in [step + 2, limit] (EOS included) and a
     # log-prob s' <= s, since every further token adds a log-prob <= 0 (the rules only
@@ -152,10 +216,8 @@ def _retired(finished: list[list[Hypothesis]], next_scores: torch.Tensor, limits
     alpha = cfg.length_penalty
     lp_max = length_penalty(limits.float(), alpha).clamp(min=length_penalty(step + 2, alpha))
     bound = next_scores.max(-1).values / lp_max  # (n_alive,)
-    # Fewer than n_best finished: any alive hypothesis would still be kept (-inf).
-    worst = torch.tensor([f[cfg.n_best - 1].score if len(f) >= cfg.n_best else float("-inf")
-                          for f in finished], device=device)
-    return done | (bound <= worst)
+    # Fewer than n_best finished: the slot is -inf, and any alive hypothesis would still be kept.
+    return done | (bound <= best[:, cfg.n_best - 1])
 
 
 @torch.no_grad()
@@ -163,82 +225,87 @@ def beam_search(model: Seq2Seq, src: torch.Tensor, src_lens: torch.Tensor, cfg: 
                 keep_attention: bool = False, memory: Memory | None = None) -> list[list[Hypothesis]]:
     """The ``cfg.n_best`` best hypotheses of each sentence, best first.
 
-    ``memory`` is ``model.encode(src, src_lens)`` when the caller already has it.
+    ``memory`` is ``model.encode(src, src_lens)`` when the caller already has it. Rows are
+    sentence-major: row r belongs to alive sentence r // k. Host syncs: the longest limit
+    once, one per step (which sentences go on, which decides the shape of the next step),
+    and the finished hypotheses copied out once at the end; everything else stays on the
+    device.
     """
     device = src.device
     n, k = src.size(0), cfg.beam
     alpha, beta = cfg.length_penalty, cfg.coverage_penalty
-    limits = max_lengths(src_lens, cfg, model.max_positions)
+    limits = max_lengths(src_lens, cfg, model.max_positions)  # (n,)
+    steps = int(limits.max())
     memory = model.encode(src, src_lens) if memory is None else memory
-    src_mask = memory.mask.float()  # (n, S)
-    state = model.init_state(memory).select(torch.arange(n, device=device).repeat_interleave(k))
+    need_attention = beta > 0 or keep_attention
+    state = model.init_state(memory, beam=k)
+    never = torch.tensor(NEVER_GENERATED, device=device)
+    src_mask = memory.mask.float()  # (n_alive, S)
     alive = torch.arange(n, device=device)  # original sentence of each alive sentence
+    sent_limits = limits  # (n_alive,)
     scores = torch.zeros(n, k, device=device)  # (n_alive, k) cumulative log-probs
     scores[:, 1:] = float("-inf")  # all beams start identical: expand only the first
-    history = torch.full((n * k, 1), BOS, dtype=torch.long, device=device)  # (N, t + 1)
-    coverage = None  # (N, S) attention summed over steps
-    attn_history: list[torch.Tensor] = []  # per step, (N, S), only when keep_attention
-    finished: list[list[Hypothesis]] = [[] for _ in range(n)]
+    history = torch.full((n * k, steps + 1), PAD, dtype=torch.long, device=device)  # (N, T + 1)
+    history[:, 0] = BOS
+    coverage = None  # (N, S) attention summed over steps, for the coverage penalty
+    attn_history = torch.zeros(n * k, steps, src.size(1), device=device) if keep_attention else None  # (N, T, S)
+    finished = _Finished.empty(n, k, steps, src.size(1) if keep_attention else None, device)
 
-    for t in range(int(limits.max())):
-        log_probs, state = model.step(history[:, -1], state)  # (N, V)
+    for t in range(steps):
+        log_probs, state = model.step(history[:, t], state, need_attention)  # (N, V)
         vocab = log_probs.size(-1)
-        if state.attention is not None:
+        if need_attention and state.attention is None:  # a model without attention
+            need_attention, attn_history, finished.attention = False, None, None
+        if beta > 0:
             coverage = state.attention if coverage is None else coverage + state.attention
-            if keep_attention:
-                attn_history.append(state.attention)
-        at_limit = (limits[alive] <= t + 1).repeat_interleave(k)
-        log_probs = apply_rules(log_probs, t, at_limit, cfg.min_len)
-        total = (scores.view(-1, 1) + log_probs).view(-1, k * vocab)  # (n_alive, k * V)
-        cand_scores, cand = total.topk(2 * k, dim=-1)  # (n_alive, 2k)
+        if attn_history is not None:
+            attn_history[:, t] = state.attention
+        eos = _forbid(log_probs, t, cfg.min_len, never)
+        at_limit = (sent_limits <= t + 1).repeat_interleave(k)  # (N,) rows that may only end
+        row_scores = scores.view(-1)
+        total = log_probs.add_(row_scores.masked_fill(at_limit, float("-inf"))[:, None])  # (N, V), in place
+        total[:, EOS] = torch.where(at_limit, eos + row_scores, total[:, EOS])
+        cand_scores, cand = total.view(-1, k * vocab).topk(2 * k, dim=-1)  # (n_alive, 2k)
         cand_beam, cand_tok = cand // vocab, cand % vocab
-        cand_row = cand_beam + torch.arange(len(alive), device=device)[:, None] * k  # rows of N
+        cand_row = cand_beam + torch.arange(len(cand), device=device)[:, None] * k  # rows of N
         is_eos = (cand_tok == EOS) & torch.isfinite(cand_scores)
 
-        # Finalize EOS candidates ranked within the beam.
-        to_finish = is_eos[:, :k].nonzero().tolist()
-        if to_finish:
-            rows = [int(cand_row[i, j]) for i, j in to_finish]
-            lengths = torch.tensor([t + 1] * len(rows), dtype=torch.float)
-            final = cand_scores[[i for i, _ in to_finish], [j for _, j in to_finish]].float().cpu()
-            ranked = final / length_penalty(lengths, alpha)
-            if coverage is not None and beta:
-                rows_t = torch.tensor(rows, device=device)
-                sent_t = torch.tensor([i for i, _ in to_finish], device=device)
-                ranked = ranked + coverage_penalty(coverage[rows_t], src_mask[alive[sent_t]], beta).cpu()
-            hist = history[rows, 1:].tolist()
-            for (i, _), row, h, score, lp in zip(to_finish, rows, hist, ranked.tolist(), final.tolist()):
-                attn = torch.stack([a[row] for a in attn_history]) if attn_history else None
-                finished[int(alive[i])].append(Hypothesis(h, score, lp, attn))
-            # Keep the best k by ranking score, not the first k to arrive.
-            for sent in {int(alive[i]) for i, _ in to_finish}:
-                finished[sent].sort(key=lambda h: -h.score)
-                del finished[sent][k:]
+        # Finalize the EOS candidates ranked within the beam.
+        ends = is_eos[:, :k]  # (n_alive, k)
+        ending_rows = cand_row[:, :k]
+        log_prob = cand_scores[:, :k].masked_fill(~ends, float("-inf"))
+        ranked = log_prob / length_penalty(torch.tensor(t + 1.0), alpha)
+        if coverage is not None:
+            ranked = ranked + coverage_penalty(coverage[ending_rows], src_mask[:, None, :], beta)
+        best = finished.add(alive, ranked.masked_fill(~ends, float("-inf")), log_prob,
+                            history[ending_rows, 1:], t,
+                            None if attn_history is None else attn_history[ending_rows])
 
         # The next beams: the best k candidates that are not EOS.
         rank = torch.arange(2 * k, device=device).expand_as(cand) + is_eos * (2 * k)
         pick = rank.topk(k, dim=-1, largest=False).indices  # (n_alive, k)
         next_scores = cand_scores.gather(1, pick)  # (n_alive, k)
-        done = _retired([finished[s] for s in alive.tolist()], next_scores, limits[alive], t, cfg)
-        keep = (~done).nonzero().flatten()
+        done = _retired(best, next_scores, sent_limits, t, cfg)
+        keep = (~done).nonzero().flatten()  # the step's one host sync: which sentences go on
         if keep.numel() == 0:
             break
-        pick = pick[keep]
-        rows = cand_row[keep].gather(1, pick).flatten()  # (N',)
-        scores = next_scores[keep]
-        new_tok = cand_tok[keep].gather(1, pick).flatten()
-        history = torch.cat([history[rows], new_tok[:, None]], dim=1)
-        state = state.select(rows)
+        rows, new_tok = cand_row.gather(1, pick), cand_tok.gather(1, pick)  # (n_alive, k)
+        sentences = None
+        if keep.numel() < len(alive):  # sentences leave: re-index what is kept per sentence
+            sentences = keep
+            rows, new_tok, next_scores = rows[keep], new_tok[keep], next_scores[keep]
+            alive, sent_limits, src_mask = alive[keep], sent_limits[keep], src_mask[keep]
+        rows = rows.flatten()  # (N',)
+        scores = next_scores
+        history = history.index_select(0, rows)
+        history[:, t + 1] = new_tok.flatten()
+        state = state.select(rows, sentences)
         if coverage is not None:
-            coverage = coverage[rows]
-        attn_history = [a[rows] for a in attn_history]
-        alive = alive[keep]
+            coverage = coverage.index_select(0, rows)
+        if attn_history is not None:
+            attn_history = attn_history.index_select(0, rows)
 
-    out = []
-    for hyps in finished:
-        hyps.sort(key=lambda h: -h.score)
-        out.append(hyps[: cfg.n_best])
-    return out
+    return finished.hypotheses(cfg.n_best)
 
 
 def search(model: Seq2Seq, src: torch.Tensor, src_lens: torch.Tensor, cfg: SearchConfig,

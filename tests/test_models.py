@@ -53,26 +53,64 @@ def test_padded_batch_equals_each_sentence_alone(model) -> None:
             torch.testing.assert_close(alone[0], together[i], atol=1e-5, rtol=1e-5)
 
 
-def test_state_exposes_attention_over_real_source_tokens(model) -> None:
+def test_state_exposes_attention_over_real_source_tokens_when_asked(model) -> None:
     src, lens = batch([5, 2])
     with torch.no_grad():
-        state = model.init_state(model.encode(src, lens))
-        _, state = model.step(torch.tensor([2, 2]), state)
-    assert state.attention.shape == (2, 5)
-    torch.testing.assert_close(state.attention.sum(-1), torch.ones(2))
-    assert (state.attention[1, 2:] == 0).all()  # padding gets no attention
+        state = model.init_state(model.encode(src, lens), beam=2)
+        _, plain = model.step(torch.tensor([2, 2, 2, 2]), state)
+        log_probs, asked = model.step(torch.tensor([2, 2, 2, 2]), state, need_attention=True)
+    assert plain.attention is None  # not asked for: not computed
+    assert asked.attention.shape == (4, 5)  # rows: two beams of each sentence
+    torch.testing.assert_close(asked.attention.sum(-1), torch.ones(4))
+    assert (asked.attention[2:, 2:] == 0).all()  # padding gets no attention
+    # Asking for the weights changes nothing else.
+    torch.testing.assert_close(log_probs, model.step(torch.tensor([2, 2, 2, 2]), state)[0], atol=1e-5, rtol=1e-5)
 
 
-def test_select_reorders_rows(model) -> None:
+def test_select_reorders_rows_and_drops_sentences(model) -> None:
     src, lens = batch([4, 6, 5])
     with torch.no_grad():
+        state = model.init_state(model.encode(src, lens), beam=2)  # rows: 0 0 1 1 2 2 (sentences)
+        _, state = model.step(torch.tensor([5, 6, 7, 8, 9, 10]), state)
+        # A beam reorder within each sentence, then a step: the same as stepping first.
+        reordered = state.select(torch.tensor([1, 1, 3, 2, 4, 5]))
+        a, _ = model.step(torch.tensor([9, 9, 9, 9, 9, 9]), reordered)
+        b, after = model.step(torch.tensor([9, 9, 9, 9, 9, 9]), state)
+        torch.testing.assert_close(a, b[[1, 1, 3, 2, 4, 5]], atol=1e-5, rtol=1e-5)
+        # Sentence 1 leaves; sentences 2 and 0 stay, in that order.
+        kept = after.select(torch.tensor([5, 4, 0, 1]), sentences=torch.tensor([2, 0]))
+        c, _ = model.step(torch.tensor([11, 12, 13, 14]), kept)
+        d, _ = model.step(torch.tensor([13, 14, 0, 0, 12, 11]), after)
+    torch.testing.assert_close(c, d[[5, 4, 0, 1]], atol=1e-5, rtol=1e-5)
+
+
+def test_state_is_a_value(model) -> None:
+    """Two steps from one state give the same answers as from two copies of it: a step
+    never overwrites what an earlier state reads (the Transformer shares its cache)."""
+    src, lens = batch([4, 6])
+    with torch.no_grad():
         state = model.init_state(model.encode(src, lens))
-        tokens = torch.tensor([5, 6, 7])
-        _, state = model.step(tokens, state)
-        picked = state.select(torch.tensor([2, 0]))
-        a, _ = model.step(torch.tensor([9, 9]), picked)
-        b, _ = model.step(torch.tensor([9, 9, 9]), state)
-    torch.testing.assert_close(a, b[[2, 0]], atol=1e-5, rtol=1e-5)
+        _, state = model.step(torch.tensor([5, 6]), state)
+        _, first = model.step(torch.tensor([7, 8]), state)
+        _, second = model.step(torch.tensor([9, 10]), state)  # a branch from the same state
+        branches = [model.step(torch.tensor([11, 11]), s)[0] for s in (first, second)]
+        for tokens, got in zip(([7, 8], [9, 10]), branches, strict=True):
+            state = model.init_state(model.encode(src, lens))
+            _, state = model.step(torch.tensor([5, 6]), state)
+            _, state = model.step(torch.tensor(tokens), state)
+            torch.testing.assert_close(got, model.step(torch.tensor([11, 11]), state)[0], atol=1e-6, rtol=1e-6)
+
+
+def test_long_decoding_grows_the_state(model) -> None:
+    """Steps past any preallocated length still equal the full forward."""
+    src, lens = batch([3, 5])
+    tgt = torch.randint(4, VOCAB, (2, 40), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        full = model(src, lens, tgt).log_softmax(-1)
+        state = model.init_state(model.encode(src, lens))
+        for t in range(tgt.size(1)):
+            log_probs, state = model.step(tgt[:, t], state)
+    torch.testing.assert_close(log_probs, full[:, -1], atol=1e-4, rtol=1e-4)
 
 
 def test_one_embedding_matrix_serves_source_target_and_output(model) -> None:

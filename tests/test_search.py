@@ -38,18 +38,26 @@ Table = dict[Context, dict[int, float]]
 @dataclass
 class TableState:
     contexts: list[Context]  # per row: (first source token, *target tokens so far)
-    attention: torch.Tensor | None = None  # (N, S) when the model has attention
+    beam: int
+    attention: torch.Tensor | None = None  # (N, S) when the model has attention and it was asked for
 
-    def select(self, index: torch.Tensor) -> TableState:
-        attention = None if self.attention is None else self.attention[index]
-        return TableState([self.contexts[i] for i in index.tolist()], attention)
+    def select(self, rows: torch.Tensor, sentences: torch.Tensor | None = None) -> TableState:
+        # The contract's row -> sentence map: a reorder keeps rows within their sentence,
+        # and when sentences leave, the rows come in order of the sentences kept.
+        k, picked = self.beam, rows.tolist()
+        owner = list(range(len(picked) // k)) if sentences is None else sentences.tolist()  # per new sentence
+        assert len(picked) == k * len(owner)
+        assert all(r // k == owner[i // k] for i, r in enumerate(picked)), "a row left its sentence"
+        attention = None if self.attention is None else self.attention[rows]
+        return TableState([self.contexts[i] for i in picked], k, attention)
 
 
 class TableModel(Seq2Seq):
     """Next-token probabilities from ``table[context]`` (``default`` for unlisted contexts).
 
-    ``attention[context]`` is the step's attention over the source, when given. ``rows``
-    records how many rows each ``step`` call decoded, to see sentences leave the batch.
+    ``attention[context]`` is the step's attention over the source, when given and asked
+    for. ``rows`` records how many rows each ``step`` call decoded, to see sentences leave
+    the batch, and ``asked`` whether it was asked for attention.
     """
 
     def __init__(self, table: Table, attention: dict[Context, list[float]] | None = None,
@@ -59,6 +67,7 @@ class TableModel(Seq2Seq):
         self.default = default if default is not None else {EOS: 1.0}
         self._max_positions = max_positions
         self.rows: list[int] = []
+        self.asked: list[bool] = []
 
     @property
     def max_positions(self) -> int:
@@ -68,11 +77,13 @@ class TableModel(Seq2Seq):
         # The "encoder output" is the source ids themselves: all the table needs.
         return Memory(src[:, :, None].float(), src != PAD)
 
-    def init_state(self, memory: Memory) -> TableState:
-        return TableState([(int(s),) for s in memory.states[:, 0, 0].tolist()])
+    def init_state(self, memory: Memory, beam: int = 1) -> TableState:
+        return TableState([(int(s),) for s in memory.states[:, 0, 0].tolist() for _ in range(beam)], beam)
 
-    def step(self, tokens: torch.Tensor, state: TableState) -> tuple[torch.Tensor, TableState]:
+    def step(self, tokens: torch.Tensor, state: TableState,
+             need_attention: bool = False) -> tuple[torch.Tensor, TableState]:
         self.rows.append(len(tokens))
+        self.asked.append(need_attention)
         # The first step is fed BOS, which is not part of the context.
         contexts = [c if t == BOS else (*c, t) for c, t in zip(state.contexts, tokens.tolist(), strict=True)]
         probs = torch.zeros(len(contexts), VOCAB)
@@ -80,11 +91,11 @@ class TableModel(Seq2Seq):
             for token, p in self.table.get(context, self.default).items():
                 probs[row, token] = p
         attention = None
-        if self.attend is not None:
+        if self.attend is not None and need_attention:
             # Rows of dead beams (reached through probability 0) have contexts nobody listed.
             width = len(next(iter(self.attend.values())))
             attention = torch.tensor([self.attend.get(c, [0.0] * width) for c in contexts])
-        return probs.log(), TableState(contexts, attention)
+        return probs.log(), TableState(contexts, state.beam, attention)
 
 
 def source(*rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

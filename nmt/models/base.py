@@ -1,12 +1,38 @@
 """The Seq2Seq contract: all that training and search know about a model.
 
-    forward(src, src_lens, tgt_in) -> (B, T, V) logits        teacher forcing
-    encode(src, src_lens) -> Memory                             encoder output + padding mask
-    init_state(memory) -> DecoderState                          empty decoder state
-    step(tokens, state) -> ((B, V) log-probs, DecoderState)     one more target token
+    forward(src, src_lens, tgt_in) -> (B, T, V) logits            teacher forcing
+    encode(src, src_lens) -> Memory                                 encoder output + padding mask
+    init_state(memory, beam=1) -> DecoderState                      empty decoder state, beam rows per sentence
+    step(tokens, state, need_attention=False)
+        -> ((N, V) log-probs, DecoderState)                         one more target token per row
 
-``DecoderState.select(index)`` keeps/reorders rows (beams, finished sentences) and
-``DecoderState.attention`` is the last step's attention over the source, (B, S), or None.
+Sentences and rows. A decoder state decodes ``n`` sentences in ``N = n * beam`` rows, and
+row ``r`` belongs to sentence ``r // beam``, always (``beam`` is fixed by ``init_state``;
+greedy search is beam 1). What is the same for every row of a sentence (the encoder
+output, the attention keys and values computed from it, the source mask) is kept once per
+sentence, shape (n, S, ...), and the rows read it through the row -> sentence map, so
+reordering rows never copies it. What differs per row (self-attention caches, LSTM states)
+has N rows.
+
+``state.select(rows, sentences=None)`` returns the state whose row ``i`` is row
+``rows[i]`` of this one. ``rows`` (N',) is a LongTensor of row indices.
+
+* Without ``sentences`` the sentences stay as they are (a beam reorder: N' = N, and each
+  row stays within its sentence: ``rows[i] // beam == i // beam``).
+* With ``sentences`` (n',), given only when sentences leave the batch, the per-sentence
+  tensors are re-indexed too: new sentence ``j`` is old sentence ``sentences[j]``, and
+  ``rows`` must then hold, for each ``j`` in order, ``beam`` rows of old sentence
+  ``sentences[j]`` (N' = n' * beam).
+
+``step(tokens, state, need_attention)``: ``tokens`` (N,) are the rows' last tokens (BOS at
+the first step). With ``need_attention`` the returned state's ``attention`` is the step's
+attention over the source, (N, S), zero on padding (a model with no attention gives None).
+Without it ``attention`` is None and the model need not compute weights at all, so it can
+use fused attention kernels that never form them.
+
+A state is a value: ``step`` and ``select`` return new states and never change what an
+earlier state answers (a model may share buffers between states, copying before it would
+overwrite one that an earlier state still reads).
 """
 
 from __future__ import annotations
@@ -25,9 +51,9 @@ class Memory:
 
 
 class DecoderState(Protocol):
-    attention: torch.Tensor | None  # (B, S) attention of the last step, if the model has one
+    attention: torch.Tensor | None  # (N, S) attention of the last step, when asked for
 
-    def select(self, index: torch.Tensor) -> DecoderState: ...
+    def select(self, rows: torch.Tensor, sentences: torch.Tensor | None = None) -> DecoderState: ...
 
 
 class Seq2Seq(nn.Module):
@@ -41,10 +67,11 @@ class Seq2Seq(nn.Module):
     def encode(self, src: torch.Tensor, src_lens: torch.Tensor) -> Memory:
         raise NotImplementedError
 
-    def init_state(self, memory: Memory) -> DecoderState:
+    def init_state(self, memory: Memory, beam: int = 1) -> DecoderState:
         raise NotImplementedError
 
-    def step(self, tokens: torch.Tensor, state: DecoderState) -> tuple[torch.Tensor, DecoderState]:
+    def step(self, tokens: torch.Tensor, state: DecoderState,
+             need_attention: bool = False) -> tuple[torch.Tensor, DecoderState]:
         raise NotImplementedError
 
     @property

@@ -9,13 +9,16 @@ is concatenated to the input of every upper layer and to the classifier's input.
 Because decoder layer 1 does not depend on the attention, training runs every layer
 over the whole sequence with ``nn.LSTM`` and computes the attention for all target
 positions at once: no Python loop over time steps. ``step`` runs the same modules on
-one position, carrying every layer's (h, c).
+one position, carrying every layer's (h, c). In decoding, the encoder output and the
+attention keys are kept once per sentence: the k beams of a sentence are its k queries,
+as the T target positions are in training, so nothing is copied per beam.
 
 The classifier maps [output; context] linearly to the embedding size, so the output
 projection can share the embedding matrix. (A tanh there, as in Luong et al. 2015's
 attentional vector, bounds every logit by the embedding norms and stalls training with
 tied embeddings initialised at +-0.1.)
-Shapes: B batch, S source length, T target length, H hidden size, E embedding size.
+Shapes: B batch, S source length, T target length, H hidden size, E embedding size;
+in decoding n sentences, k beams each, N = n * k rows.
 """
 
 from __future__ import annotations
@@ -76,21 +79,23 @@ class Encoder(nn.Module):
 
 @dataclass
 class GNMTState:
-    """Decoder state for incremental decoding; every tensor has the batch*beam rows first."""
+    """Decoder state for incremental decoding: n sentences of k (``beam``) rows each."""
 
     hidden: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (1, N, H) h and c
-    keys: torch.Tensor  # (N, S, H) attention keys
-    memory: torch.Tensor  # (N, S, H) encoder output
-    mask: torch.Tensor  # (N, S)
-    attention: torch.Tensor | None = None  # (N, S) attention of the last step
+    keys: torch.Tensor  # (n, S, H) attention keys, per sentence
+    memory: torch.Tensor  # (n, S, H) encoder output, per sentence
+    mask: torch.Tensor  # (n, S)
+    beam: int
+    attention: torch.Tensor | None = None  # (N, S) attention of the last step, when asked for
 
-    def select(self, index: torch.Tensor) -> GNMTState:
+    def select(self, rows: torch.Tensor, sentences: torch.Tensor | None = None) -> GNMTState:
+        keys, memory, mask = self.keys, self.memory, self.mask
+        if sentences is not None:
+            keys, memory, mask = (t.index_select(0, sentences) for t in (keys, memory, mask))
         return GNMTState(
-            hidden=[(h.index_select(1, index), c.index_select(1, index)) for h, c in self.hidden],
-            keys=self.keys.index_select(0, index),
-            memory=self.memory.index_select(0, index),
-            mask=self.mask.index_select(0, index),
-            attention=None if self.attention is None else self.attention.index_select(0, index),
+            hidden=[(h.index_select(1, rows), c.index_select(1, rows)) for h, c in self.hidden],
+            keys=keys, memory=memory, mask=mask, beam=self.beam,
+            attention=None if self.attention is None else self.attention.index_select(0, rows),
         )
 
 
@@ -130,10 +135,15 @@ class GNMT(Seq2Seq):
         x = self.drop(self.embed(src))  # (B, S, E)
         return Memory(self.encoder(x, src_lens), src != PAD)
 
-    def _decode(self, tgt: torch.Tensor, hidden, keys, memory, mask):
-        """Run the decoder over ``tgt`` (B, T); returns logits (B, T, V), new hidden, attention."""
+    def _decode(self, tgt: torch.Tensor, hidden, keys, memory, mask, beam: int = 1):
+        """Run the decoder over ``tgt`` (B, T); returns logits (B, T, V), new hidden, attention
+        (B, T, S). With ``beam`` k, T is 1 and keys, memory and mask have one row per k rows
+        of ``tgt`` (a sentence's beams)."""
         x, first = self.decoder_first(self.drop(self.embed(tgt)), hidden[0])  # (B, T, H)
-        context, weights = self.attention(x, keys, memory, mask)  # (B, T, H), (B, T, S)
+        # The beams of a sentence query its memory together, as target positions do.
+        queries = x.view(keys.size(0), -1, x.size(-1))  # (n, k * T, H)
+        context, weights = self.attention(queries, keys, memory, mask)  # (n, k * T, H), (n, k * T, S)
+        context, weights = context.view_as(x), weights.view(*x.shape[:2], -1)  # (B, T, H), (B, T, S)
         new_hidden = [first]
         for i, layer in enumerate(self.decoder_layers):
             y, state = layer(self.drop(torch.cat([x, context], -1)), hidden[i + 1])
@@ -157,12 +167,16 @@ class GNMT(Seq2Seq):
         hidden = self._zero_hidden(src.size(0), memory.states)
         return self._decode(tgt_in, hidden, keys, memory.states, memory.mask)[0]
 
-    def init_state(self, memory: Memory) -> GNMTState:
-        return GNMTState(self._zero_hidden(memory.states.size(0), memory.states),
-                         self.attention.keys(memory.states), memory.states, memory.mask)
+    def init_state(self, memory: Memory, beam: int = 1) -> GNMTState:
+        return GNMTState(self._zero_hidden(memory.states.size(0) * beam, memory.states),
+                         self.attention.keys(memory.states), memory.states, memory.mask, beam)
 
-    def step(self, tokens: torch.Tensor, state: GNMTState):
+    def step(self, tokens: torch.Tensor, state: GNMTState,
+             need_attention: bool = False) -> tuple[torch.Tensor, GNMTState]:
         logits, hidden, weights = self._decode(tokens[:, None], state.hidden, state.keys, state.memory,
-                                               state.mask)
-        return logits[:, 0].log_softmax(-1), GNMTState(hidden, state.keys, state.memory, state.mask,
-                                                       weights[:, 0])
+                                               state.mask, state.beam)
+        logits = logits[:, 0]  # (N, V), a fresh tensor: normalized in place
+        log_probs = torch.log_softmax(logits, -1, out=logits)
+        # The additive attention forms its weights anyway; they are handed on only when asked.
+        attention = weights[:, 0] if need_attention else None
+        return log_probs, GNMTState(hidden, state.keys, state.memory, state.mask, state.beam, attention)

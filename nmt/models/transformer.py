@@ -1,8 +1,16 @@
 """Pre-norm Transformer (Vaswani et al. 2017) with one tied embedding matrix.
 
-Reads top to bottom: positions, attention, layers, then the model. Attention runs
-through ``scaled_dot_product_attention``; incremental decoding keeps a KV cache.
-Shapes: B batch, S source length, T target length, D model size, H heads, Dh = D / H.
+Reads top to bottom: positions, attention, layers, the decoder state, then the model.
+Attention runs through ``scaled_dot_product_attention`` except where the search asks for
+the weights (the last layer's cross-attention then writes them out).
+
+Incremental decoding (``step``) keeps the self-attention keys and values of every layer in
+one buffer preallocated along time, so a step writes one position instead of concatenating,
+and a beam reorder copies only the positions filled so far, all layers in one call. The
+cross-attention keys and values are computed once per sentence: the k beams of a sentence
+are its k queries against them (one attention call per layer, nothing copied per beam).
+Shapes: B batch, S source length, T target length, D model size, H heads, Dh = D / H;
+in decoding n sentences, k beams each, N = n * k rows, L decoder layers.
 """
 
 from __future__ import annotations
@@ -46,15 +54,20 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(d, 3 * d)
         self.out = nn.Linear(d, d)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False,
-                cache: tuple[torch.Tensor, torch.Tensor] | None = None):
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
         q, k, v = (split_heads(t, self.heads) for t in self.qkv(x).chunk(3, dim=-1))  # (B, H, T, Dh)
-        if cache is not None:  # one new position; attend to every earlier one
-            k = torch.cat([cache[0], k], dim=2)
-            v = torch.cat([cache[1], v], dim=2)
         p = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=p)
-        return self.out(merge_heads(y)), (k, v)
+        return self.out(merge_heads(y))
+
+    def step(self, x: torch.Tensor, kv: torch.Tensor, position: int) -> torch.Tensor:
+        """One new position: x (N, 1, D); kv (2, N, capacity, H, Dh) holds the earlier ones
+        and gets this one's key and value written at ``position``."""
+        q, k, v = self.qkv(x).chunk(3, dim=-1)  # (N, 1, D) each
+        kv[:, :, position] = torch.stack([k[:, 0], v[:, 0]]).unflatten(-1, (self.heads, -1))  # (2, N, H, Dh)
+        keys, values = kv[:, :, : position + 1].transpose(2, 3).unbind(0)  # (N, H, position + 1, Dh) each
+        y = F.scaled_dot_product_attention(split_heads(q, self.heads), keys, values)
+        return self.out(merge_heads(y))
 
 
 class CrossAttention(nn.Module):
@@ -72,6 +85,8 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
                 need_weights: bool = False):
+        """x (B, T, D) queries against kv (B, H, S, Dh) with mask (B, 1, 1, S). In decoding B is
+        the sentences and T their k beams: the beams share the sentence's keys and values."""
         q = split_heads(self.q(x), self.heads)  # (B, H, T, Dh)
         k, v = kv
         if need_weights:  # written out, since the fused kernel does not return weights
@@ -98,7 +113,7 @@ class EncoderLayer(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.norm1(x), mask=mask)[0])
+        x = x + self.drop(self.attn(self.norm1(x), mask=mask))
         return x + self.drop(self.ffn(self.norm2(x)))
 
 
@@ -112,35 +127,96 @@ class DecoderLayer(nn.Module):
         self.ffn = FeedForward(d, cfg.ffn, cfg.activation_dropout)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, memory_kv, memory_mask, cache=None, need_weights=False):
-        y, new_cache = self.self_attn(self.norm1(x), causal=cache is None, cache=cache)
-        x = x + self.drop(y)
-        y, weights = self.cross_attn(self.norm2(x), memory_kv, memory_mask, need_weights)
-        x = x + self.drop(y)
-        return x + self.drop(self.ffn(self.norm3(x))), new_cache, weights
+    def forward(self, x, memory_kv, memory_mask):
+        x = x + self.drop(self.self_attn(self.norm1(x), causal=True))
+        x = x + self.drop(self.cross_attn(self.norm2(x), memory_kv, memory_mask)[0])
+        return x + self.drop(self.ffn(self.norm3(x)))
+
+    def step(self, x: torch.Tensor, kv: torch.Tensor, position: int, memory_kv, memory_mask: torch.Tensor,
+             need_weights: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x (N, 1, D), N = n * k rows; memory_kv and memory_mask per sentence (n, ...).
+
+        Returns the new x and, with ``need_weights``, the cross-attention (n, k, S)."""
+        rows, _, d = x.shape
+        x = x + self.drop(self.self_attn.step(self.norm1(x), kv, position))
+        queries = self.norm2(x).view(memory_mask.size(0), -1, d)  # (n, k, D): a sentence's beams
+        y, weights = self.cross_attn(queries, memory_kv, memory_mask, need_weights)
+        x = x + self.drop(y.view(rows, 1, d))
+        return x + self.drop(self.ffn(self.norm3(x))), weights
+
+
+class KVCache:
+    """The self-attention keys and values of every decoder layer, preallocated along time.
+
+    ``data`` (L, 2, N, capacity, H, Dh): layer, keys (0) / values (1), row, position, head.
+    A row's positions lie together, so the filled part of a row is one block to copy.
+    States of successive steps share one cache; ``length`` is how many positions have been
+    written. A state reads positions [0, its position), so a step on a state whose cache
+    is already longer (a second step from one state) writes into a copy, not over a
+    position a later state reads.
+
+    A beam reorder copies the filled positions into another buffer every step. Buffers
+    this large come fresh from the operating system on each allocation (page faults cost
+    as much as the copy), so a cache that no state reads any more hands its buffer to
+    ``spare``, shared by the caches of one decoding, and the next ``select`` reuses it.
+    """
+
+    def __init__(self, data: torch.Tensor, length: int = 0, spare: list[torch.Tensor] | None = None):
+        self.data = data
+        self.length = length
+        self.spare = [] if spare is None else spare
+
+    def __del__(self) -> None:
+        if len(self.spare) < 2:
+            self.spare.append(self.data)
+
+    @property
+    def capacity(self) -> int:
+        return self.data.size(3)
+
+    def _buffer(self, rows: int, capacity: int) -> torch.Tensor:
+        layers, _, _, _, heads, dh = self.data.shape
+        while self.spare:  # a spare buffer with room for as many rows or more
+            data = self.spare.pop()
+            if data.size(2) >= rows and data.size(3) == capacity:
+                return data[:, :, :rows]
+        return self.data.new_empty(layers, 2, rows, capacity, heads, dh)
+
+    def for_position(self, position: int, limit: int) -> KVCache:
+        """A cache in which ``position`` may be written: this one, or a copy (branch, or full)."""
+        if self.length == position and position < self.capacity:
+            return self
+        capacity = self.capacity if position < self.capacity else min(2 * self.capacity, limit)
+        data = self._buffer(self.data.size(2), capacity)
+        data[:, :, :, :position] = self.data[:, :, :, :position]
+        return KVCache(data, position, self.spare)
+
+    def select(self, rows: torch.Tensor, length: int) -> KVCache:
+        """Rows ``rows`` of the first ``length`` positions, in another buffer (one copy)."""
+        data = self._buffer(len(rows), self.capacity)
+        torch.index_select(self.data[:, :, :, :length], 2, rows, out=data[:, :, :, :length])
+        return KVCache(data, length, self.spare)
 
 
 @dataclass
 class TransformerState:
-    """Decoder state for incremental decoding; every tensor has the batch*beam rows first."""
+    """Decoder state for incremental decoding: n sentences of k (``beam``) rows each."""
 
-    self_kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (N, H, t, Dh) keys and values
-    cross_kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (N, H, S, Dh)
-    mask: torch.Tensor  # (N, 1, 1, S) True at real source tokens
-    position: int = 0
+    cache: KVCache  # self-attention keys and values, N rows
+    cross_kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (n, H, S, Dh), per sentence
+    mask: torch.Tensor  # (n, 1, 1, S) True at real source tokens
+    beam: int
+    position: int = 0  # target tokens fed so far
     attention: torch.Tensor | None = None  # (N, S) last layer's cross-attention, mean over heads
 
-    def select(self, index: torch.Tensor) -> TransformerState:
-        def pick(pairs):
-            return [(k.index_select(0, index), v.index_select(0, index)) for k, v in pairs]
-
-        return TransformerState(
-            self_kv=pick(self.self_kv),
-            cross_kv=pick(self.cross_kv),
-            mask=self.mask.index_select(0, index),
-            position=self.position,
-            attention=None if self.attention is None else self.attention.index_select(0, index),
-        )
+    def select(self, rows: torch.Tensor, sentences: torch.Tensor | None = None) -> TransformerState:
+        cross_kv, mask = self.cross_kv, self.mask
+        if sentences is not None:
+            cross_kv = [(k.index_select(0, sentences), v.index_select(0, sentences)) for k, v in cross_kv]
+            mask = mask.index_select(0, sentences)
+        attention = None if self.attention is None else self.attention.index_select(0, rows)
+        return TransformerState(self.cache.select(rows, self.position), cross_kv, mask, self.beam,
+                                self.position, attention)
 
 
 class Transformer(Seq2Seq):
@@ -197,28 +273,35 @@ class Transformer(Seq2Seq):
         mask = memory.mask[:, None, None, :]
         x = self._embed(tgt_in)
         for layer in self.decoder:
-            x = layer(x, layer.cross_attn.keys_values(memory.states), mask)[0]
+            x = layer(x, layer.cross_attn.keys_values(memory.states), mask)
         return self._logits(x)
 
-    def init_state(self, memory: Memory) -> TransformerState:
+    def init_state(self, memory: Memory, beam: int = 1) -> TransformerState:
         n = memory.states.size(0)
-        empty = memory.states.new_zeros(n, self.cfg.heads, 0, self.cfg.d_model // self.cfg.heads)
+        heads, layers = self.cfg.heads, len(self.decoder)
+        # Room for 16 positions to start with; a step that finds it full doubles it.
+        capacity = min(16, self.max_positions)
+        data = memory.states.new_empty(layers, 2, n * beam, capacity, heads, self.cfg.d_model // heads)
         return TransformerState(
-            self_kv=[(empty, empty) for _ in self.decoder],
+            cache=KVCache(data),
             cross_kv=[layer.cross_attn.keys_values(memory.states) for layer in self.decoder],
             mask=memory.mask[:, None, None, :],
+            beam=beam,
         )
 
-    def step(self, tokens: torch.Tensor, state: TransformerState):
-        x = self._embed(tokens[:, None], start=state.position)  # (N, 1, D)
-        self_kv, attention = [], None
-        last = len(self.decoder) - 1
+    def step(self, tokens: torch.Tensor, state: TransformerState,
+             need_attention: bool = False) -> tuple[torch.Tensor, TransformerState]:
+        position = state.position
+        cache = state.cache.for_position(position, self.max_positions + 1)
+        x = self._embed(tokens[:, None], start=position)  # (N, 1, D)
+        last, weights = len(self.decoder) - 1, None
         for i, layer in enumerate(self.decoder):
-            x, kv, weights = layer(x, state.cross_kv[i], state.mask, cache=state.self_kv[i],
-                                   need_weights=i == last)
-            self_kv.append(kv)
-            attention = weights if weights is not None else attention
-        log_probs = self._logits(x[:, 0]).log_softmax(-1)  # (N, V)
-        new_state = TransformerState(self_kv, state.cross_kv, state.mask, state.position + 1,
-                                     attention[:, 0])
-        return log_probs, new_state
+            # Only the last layer's weights are exposed, so only it may pay for them.
+            x, weights = layer.step(x, cache.data[i], position, state.cross_kv[i], state.mask,
+                                    need_attention and i == last)
+        cache.length = position + 1
+        logits = self._logits(x[:, 0])  # (N, V), a fresh tensor: normalized in place
+        log_probs = torch.log_softmax(logits, -1, out=logits)
+        attention = None if weights is None else weights.reshape(-1, weights.size(-1))  # (N, S)
+        return log_probs, TransformerState(cache, state.cross_kv, state.mask, state.beam, position + 1,
+                                           attention)
