@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -31,8 +32,8 @@ def recipe(tmp_path: Path, corpus: Path, spm: Path, **train_cfg) -> Path:
     return path
 
 
-def nmt(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def nmt(*args: str, env: dict[str, str] | None = None, **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "nmt", "-q", *args], capture_output=True, text=True,
                           env=env, timeout=240, **kwargs)
 
@@ -50,10 +51,14 @@ def two_rank_run(tmp_path_factory, corpus: Path, trained_run: Path) -> tuple[Pat
     """Four updates on 2 ranks (1 batch each), and the same on 1 rank with update_freq 2."""
     tmp = tmp_path_factory.mktemp("ddp")
     spm = trained_run / "spm.model"
+    cache = tmp / "cache"  # a cache of its own: what the 2-rank job prepared is all there is in it
     two = nmt("train", str(recipe(tmp, corpus, spm, max_steps=4)), "--run", str(tmp / "two"),
-              "--nproc", "2", "--no-test")
+              "--nproc", "2", "--no-test", env={"NMT_CACHE": str(cache)})
     assert two.returncode == 0, two.stderr
     assert train_records(tmp / "two")[0]["step"] == 1 and read_log(tmp / "two")[0]["world_size"] == 2
+    # Both ranks trained from one prepared corpus: one directory per split, the arrays mapped by both.
+    prepared = sorted(p.name.split("-")[0] for p in (cache / "prepared").iterdir() if p.is_dir())
+    assert prepared == ["train.en", "valid.en"]
     one = recipe(tmp, corpus, spm, max_steps=4, update_freq=2)
     train(config.load_recipe(one), tmp / "one", progress_bar=False)
     return tmp / "two", tmp / "one"
@@ -226,3 +231,72 @@ def test_fp16_on_the_cpu_is_refused(tmp_path: Path, corpus: Path, trained_run: P
     cfg = config.load_recipe(recipe(tmp_path, corpus, trained_run / "spm.model", precision="fp16"))
     with pytest.raises(NmtError, match="fp16 needs a CUDA GPU.*use bf16"):
         train(cfg, tmp_path / "run", progress_bar=False)
+
+
+# --- validation split across ranks
+
+SLOW_PREPARATION_S = 8  # longer than the recipe's train.dist_timeout_minutes below
+
+
+def _validate_on_rank(rank: int, recipe: str, run: str, port: int, weights: str, ready) -> None:
+    """One rank of a 2-rank job whose rank 0 prepares slowly, then validates the weights of ``weights``."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    cfg = config.load_recipe(Path(recipe))
+    run_tokenizer, translate_text, translated = training.run_tokenizer, training.translate_text, []
+
+    def slow_tokenizer(*args, **kwargs):
+        time.sleep(SLOW_PREPARATION_S)  # a big corpus being prepared while the other rank waits
+        return run_tokenizer(*args, **kwargs)
+
+    def counting(model, tokenizer, lines, search):
+        translated.append(len(lines))
+        return translate_text(model, tokenizer, lines, search)
+
+    training.run_tokenizer, training.translate_text = slow_tokenizer, counting
+    ready.wait(timeout=120)  # both started: joining the group takes less than its short timeout
+    ctx = distributed.setup(cfg.train.dist_timeout_minutes)
+    try:
+        trainer = training.Trainer(cfg, Path(run), progress_bar=False, ctx=ctx)
+        trainer.model.load_state_dict(checkpoint.load(Path(weights))["model"])
+        result = trainer.validate()
+        (Path(run) / f"rank{rank}.json").write_text(json.dumps({"result": result, "translated": translated}))
+    finally:
+        distributed.teardown()
+
+
+@pytest.fixture(scope="module")
+def validated_on_two_ranks(tmp_path_factory, corpus: Path, trained_run: Path) -> tuple[list[dict], dict]:
+    """Valid results of trained_run's best.pt on 2 ranks (one file per rank) and on 1 rank."""
+    tmp = tmp_path_factory.mktemp("valid")
+    path = recipe(tmp, corpus, trained_run / "spm.model", dist_timeout_minutes=SLOW_PREPARATION_S / 60 / 2)
+    run, weights = tmp / "two", str(trained_run / "best.pt")
+    ready = torch.multiprocessing.get_context("spawn").Barrier(2)
+    job = torch.multiprocessing.start_processes(_validate_on_rank, nprocs=2, join=False, start_method="spawn",
+                                                args=(str(path), str(run), free_port(), weights, ready))
+    deadline = time.time() + 240
+    while not job.join(timeout=1):
+        if time.time() > deadline:
+            for process in job.processes:
+                process.kill()
+            pytest.fail("the 2-rank job did not finish")
+    ranks = [json.loads((run / f"rank{r}.json").read_text()) for r in (0, 1)]
+    trainer = training.Trainer(config.load_recipe(path), tmp / "one", progress_bar=False)
+    trainer.model.load_state_dict(checkpoint.load(Path(weights))["model"])
+    return ranks, trainer.validate()
+
+
+def test_a_preparation_longer_than_the_collective_timeout_is_waited_for(validated_on_two_ranks) -> None:
+    ranks, _ = validated_on_two_ranks  # the job finished although rank 1 waited past dist_timeout_minutes
+    assert ranks[0]["result"] is not None and ranks[1]["result"] is None  # rank 0 scores
+
+
+def test_two_ranks_translate_half_the_valid_set_each_and_score_the_bleu_of_one(validated_on_two_ranks,
+                                                                              corpus: Path) -> None:
+    ranks, one = validated_on_two_ranks
+    shares = [sum(r["translated"]) for r in ranks]
+    assert shares == [30, 30] and sum(shares) == len((corpus / "valid.en").read_text().splitlines())
+    two = ranks[0]["result"]
+    assert two["valid_bleu"] == one["valid_bleu"] and two["valid_bleu_signature"] == one["valid_bleu_signature"]
+    assert two["valid_loss"] == pytest.approx(one["valid_loss"], rel=1e-6)
+    assert two["valid_ppl"] == pytest.approx(one["valid_ppl"], rel=1e-6)

@@ -6,19 +6,27 @@ import json
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import yaml
 from conftest import tiny_recipe
 from faults import fail_above
 
+import nmt.data
 from nmt import checkpoint, config, distributed
-from nmt.batching import Batch
+from nmt import prepare as prep
+from nmt.batching import ORDER_VERSION, Batch
+from nmt.data import read_lines
 from nmt.errors import NmtError
+from nmt.evaluate import bleu
+from nmt.prepare import PreparedCorpus
 from nmt.train import Trainer, train
+from nmt.translate import translate_text
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
@@ -170,6 +178,52 @@ def test_changed_config_refuses_to_resume(tmp_path: Path, corpus: Path, spm_mode
     moved = small(corpus, spm_model, max_steps=6, valid_every=0)
     moved.tokenizer.reuse = None
     assert train(moved, run, progress_bar=False).step == 6
+
+
+def test_training_maps_the_prepared_corpus_and_resume_encodes_nothing(tmp_path: Path, corpus: Path, spm_model: str,
+                                                                      monkeypatch) -> None:
+    run = tmp_path / "run"
+    trainer = Trainer(small(corpus, spm_model, max_steps=2, valid_every=0), run, progress_bar=False)
+    assert isinstance(trainer.train_data, PreparedCorpus)
+    assert isinstance(trainer.train_data.src.tokens, np.memmap)  # mapped, not read into memory
+    trainer.train()
+    trainer.save("last.pt", full=True)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a resumed run encoded its corpus again")
+
+    monkeypatch.setattr(prep, "_encode_into", fail)
+    monkeypatch.setattr(prep, "train_tokenizer", fail)
+    monkeypatch.setattr(nmt.data, "load_parallel", fail)
+    assert train(small(corpus, spm_model, max_steps=4, valid_every=0), run, progress_bar=False).step == 4
+
+
+def test_checkpoint_of_another_batch_order_version_is_refused(tmp_path: Path, corpus: Path, spm_model: str) -> None:
+    run = tmp_path / "run"
+    train(small(corpus, spm_model, max_steps=2, valid_every=0), run, progress_bar=False)
+    state = checkpoint.load(run / "last.pt")
+    assert state["data_format"] == ORDER_VERSION
+    state["data_format"] = ORDER_VERSION + 1
+    checkpoint.save(state, run / "last.pt")
+    with pytest.raises(NmtError, match=rf"last.pt was trained with batch order version {ORDER_VERSION + 1}, "
+                                       rf"this nmt makes version {ORDER_VERSION}.*new --run directory"):
+        train(small(corpus, spm_model, max_steps=4, valid_every=0), run, progress_bar=False)
+
+
+def test_valid_bleu_on_the_first_sentences_of_valid(tmp_path: Path, corpus: Path, trained_run: Path) -> None:
+    cfg = config.from_dict(tiny_recipe(corpus, valid_max_sentences=12))
+    cfg.tokenizer.reuse = str(trained_run / "spm.model")
+    trainer = Trainer(cfg, tmp_path / "run", progress_bar=False)
+    trainer.model.load_state_dict(checkpoint.load(trained_run / "best.pt")["model"])
+    src, ref = read_lines(corpus / "valid.en"), read_lines(corpus / "valid.de")
+    search = replace(cfg.search, beam=cfg.train.valid_beam)
+    expected = bleu(translate_text(trainer.model, trainer.tokenizer, src[:12], search), ref[:12]).score
+    result = trainer.validate()
+    assert result["valid_bleu"] == expected
+    full = bleu(translate_text(trainer.model, trainer.tokenizer, src, search), ref).score
+    assert full != expected  # the bound made a difference
+    # A bound of another size trains on: it changes what is measured, not what is trained.
+    assert "train.valid_max_sentences" in config.RESUMABLE_CHANGES
 
 
 def test_resume_from_a_checkpoint_with_one_rng_state(tmp_path: Path, corpus: Path, spm_model: str) -> None:
