@@ -212,3 +212,25 @@ def test_epoch_batches_rank_sharding(corpus, tokenizer) -> None:
     ranks = [EpochBatches(data, 400, seed=1, rank=r, world_size=2).epoch(3) for r in range(2)]
     assert len(ranks[0]) == len(ranks[1]) > 0
     assert not {i for b in ranks[0] for i in b} & {i for b in ranks[1] for i in b}
+
+
+def test_validation_shards_hold_every_batch_once() -> None:
+    batches = [[i] for i in range(11)]
+    shards = [shard(batches, r, 3, drop_last=False) for r in range(3)]
+    assert sorted(i for s in shards for b in s for i in b) == list(range(11))
+
+
+def test_updates_walk_the_epochs_in_order_and_resume_from_any_position(corpus, tokenizer) -> None:
+    data = load_parallel(corpus / "train.en", corpus / "train.de", tokenizer)
+    batcher = EpochBatches(data, 400, seed=1)
+    per_epoch = len(batcher.epoch(1))
+    updates = batcher.updates(3)
+    taken = [next(updates) for _ in range(-(-per_epoch // 3) + 2)]  # epoch 1 and two updates of epoch 2
+    first = [u for u in taken if u.epoch == 1]
+    # Groups of 3 batches in the epoch's order; the last is shorter: an update never spans two epochs.
+    assert [b.tolist() for u in first for b in u.batches] == batcher.epoch(1).tolist()
+    assert first[-1].next_position == (2, 0) and taken[len(first)].epoch == 2
+    assert [u.target_tokens for u in taken] == [sum(collate(data, b).ntokens for b in u.batches) for u in taken]
+    for k in (0, len(first) - 1, len(first)):  # mid-epoch, at the end of one, in the next
+        resumed = next(batcher.updates(3, *taken[k].next_position))
+        assert [b.tolist() for b in resumed.batches] == [b.tolist() for b in taken[k + 1].batches]
