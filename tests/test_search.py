@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from nmt.config import SearchConfig, TransformerConfig
+from nmt.config import GNMTConfig, SearchConfig, TransformerConfig
 from nmt.models import build_model
-from nmt.models.base import Memory, Seq2Seq
+from nmt.models.base import DecoderState, Memory, Seq2Seq
 from nmt.search import Hypothesis, beam_search, greedy_search, length_penalty, search
 from nmt.tokenizer import BOS, EOS, PAD, UNK
 
@@ -173,19 +173,200 @@ def test_beam_1_is_greedy(transformer: Seq2Seq) -> None:
         assert b[0].log_prob == pytest.approx(g[0].log_prob, abs=1e-4)
 
 
+# --- both models through the search: rows, sentences, attention -----------------------------
+
+SMALL = {
+    "transformer": TransformerConfig(d_model=32, heads=2, ffn=64, encoder_layers=1, decoder_layers=1,
+                                     max_positions=64),
+    "gnmt": GNMTConfig(embed_dim=16, hidden=32, encoder_layers=2, decoder_layers=2, max_positions=64),
+}
+
+
+@pytest.fixture(scope="module", params=list(SMALL))
+def model(request) -> Seq2Seq:
+    torch.manual_seed(0)
+    return build_model(SMALL[request.param], vocab_size=40).eval()
+
+
+@dataclass
+class EndsAtState:
+    inner: DecoderState
+    ends: torch.Tensor  # (n,) per sentence: the target token that must be EOS (0: none)
+    beam: int
+    position: int = 0
+
+    @property
+    def attention(self) -> torch.Tensor | None:
+        return self.inner.attention
+
+    def select(self, rows: torch.Tensor, sentences: torch.Tensor | None = None) -> EndsAtState:
+        ends = self.ends if sentences is None else self.ends[sentences]
+        return EndsAtState(self.inner.select(rows, sentences), ends, self.beam, self.position)
+
+
+class EndsAt(Seq2Seq):
+    """``model``, except that every hypothesis of a sentence of even length n ends with
+    target token n / 2 + 1 (EOS gets all the probability): sentences leave the batch at
+    known, different steps, the others at their length limits (untrained models seldom
+    end a sentence themselves). Its own per-sentence tensor follows ``select`` too."""
+
+    def __init__(self, model: Seq2Seq):
+        super().__init__()
+        self.model = model
+
+    @property
+    def max_positions(self) -> int:
+        return self.model.max_positions
+
+    def encode(self, src: torch.Tensor, src_lens: torch.Tensor) -> Memory:
+        return self.model.encode(src, src_lens)
+
+    def init_state(self, memory: Memory, beam: int = 1) -> EndsAtState:
+        lengths = memory.mask.sum(1)
+        ends = torch.where(lengths % 2 == 0, lengths // 2 + 1, 0)
+        return EndsAtState(self.model.init_state(memory, beam), ends, beam)
+
+    def step(self, tokens: torch.Tensor, state: EndsAtState, need_attention: bool = False):
+        log_probs, inner = self.model.step(tokens, state.inner, need_attention)
+        at_end = (state.ends == state.position + 1).repeat_interleave(state.beam)  # (N,)
+        only_eos = torch.full_like(log_probs, float("-inf"))
+        only_eos[:, EOS] = 0.0
+        log_probs = torch.where(at_end[:, None], only_eos, log_probs)
+        return log_probs, EndsAtState(inner, state.ends, state.beam, state.position + 1)
+
+
+def recording_steps(model: Seq2Seq, monkeypatch) -> list[tuple[int, bool, bool]]:
+    """Record (rows, need_attention, attention given) for every ``step`` of ``model``."""
+    calls: list[tuple[int, bool, bool]] = []
+    step = model.step
+
+    def recorded(tokens, state, need_attention=False):
+        log_probs, state = step(tokens, state, need_attention)
+        calls.append((len(tokens), need_attention, state.attention is not None))
+        return log_probs, state
+
+    monkeypatch.setattr(model, "step", recorded)
+    return calls
+
+
 @pytest.mark.parametrize("beam, beta, stop", [(1, 0.0, "standard"), (4, 0.0, "standard"), (4, 0.5, "standard"),
                                               (4, 0.5, "exact")])
-def test_batched_search_equals_one_sentence_at_a_time(transformer: Seq2Seq, beam: int, beta: float,
-                                                      stop: str) -> None:
-    # Different lengths give different length limits, so sentences leave the batch at
-    # different steps and the rows of the survivors are reindexed.
+def test_batched_search_equals_one_sentence_at_a_time(model: Seq2Seq, beam: int, beta: float, stop: str,
+                                                      monkeypatch) -> None:
+    # Sentences leave the batch at different steps (three end early, the others at their
+    # own length limits), and the rows and per-sentence memory of the survivors are reindexed.
     src, lens = random_source([6, 2, 9, 4, 1, 7], seed=2)
     cfg = SearchConfig(beam=beam, n_best=beam, length_penalty=0.6, coverage_penalty=beta, stop=stop)
-    batched = search(transformer, src, lens, cfg)
+    calls = recording_steps(model, monkeypatch)
+    ends_at = EndsAt(model)
+    batched = search(ends_at, src, lens, cfg)
+    rows = [n for n, _, _ in calls]
+    left = {t + 1 for t in range(len(rows) - 1) if rows[t + 1] < rows[t]}  # tokens decoded when some left
+    assert {2, 3, 4} <= left and len(left) >= 4, rows  # lengths 2, 4, 6 end early, the others later
     for i, n in enumerate(lens.tolist()):
-        alone = search(transformer, src[i : i + 1, :n], lens[i : i + 1], cfg)[0]
+        alone = search(ends_at, src[i : i + 1, :n], lens[i : i + 1], cfg)[0]
         assert [h.tokens for h in batched[i]] == [h.tokens for h in alone]
         assert [h.score for h in batched[i]] == pytest.approx([h.score for h in alone], abs=1e-4)
+
+
+@dataclass
+class RowState:
+    inner: DecoderState  # a beam-1 state: one "sentence" per row
+    beam: int
+
+    @property
+    def attention(self) -> torch.Tensor | None:
+        return self.inner.attention
+
+    def select(self, rows: torch.Tensor, sentences: torch.Tensor | None = None) -> RowState:
+        return RowState(self.inner.select(rows, rows), self.beam)
+
+
+class MemoryPerRow(Seq2Seq):
+    """The way the search ran before sentences kept their memory once: every row gets its
+    own copy of its sentence's encoder output, and each select copies it with the row."""
+
+    def __init__(self, model: Seq2Seq):
+        super().__init__()
+        self.model = model
+
+    @property
+    def max_positions(self) -> int:
+        return self.model.max_positions
+
+    def encode(self, src: torch.Tensor, src_lens: torch.Tensor) -> Memory:
+        return self.model.encode(src, src_lens)
+
+    def init_state(self, memory: Memory, beam: int = 1) -> RowState:
+        rows = torch.arange(memory.states.size(0)).repeat_interleave(beam)
+        return RowState(self.model.init_state(Memory(memory.states[rows], memory.mask[rows])), beam)
+
+    def step(self, tokens: torch.Tensor, state: RowState, need_attention: bool = False):
+        log_probs, inner = self.model.step(tokens, state.inner, need_attention)
+        return log_probs, RowState(inner, state.beam)
+
+
+@pytest.mark.parametrize("beam, beta, keep_attention", [(1, 0.0, False), (4, 0.0, False), (4, 0.5, False),
+                                                        (3, 0.0, True)])
+def test_memory_kept_per_sentence_gives_what_memory_per_row_gives(model: Seq2Seq, beam: int, beta: float,
+                                                                  keep_attention: bool) -> None:
+    src, lens = random_source([6, 2, 9, 4, 1, 7, 3], seed=5)
+    cfg = SearchConfig(beam=beam, n_best=beam, length_penalty=0.6, coverage_penalty=beta)
+    ours = search(EndsAt(model), src, lens, cfg, keep_attention)
+    reference = search(EndsAt(MemoryPerRow(model)), src, lens, cfg, keep_attention)
+    assert tokens_of(ours) == tokens_of(reference)
+    for mine, theirs in zip(ours, reference, strict=True):
+        assert [h.score for h in mine] == pytest.approx([h.score for h in theirs], abs=1e-5)
+        assert [h.log_prob for h in mine] == pytest.approx([h.log_prob for h in theirs], abs=1e-5)
+        if keep_attention:
+            for a, b in zip(mine, theirs, strict=True):
+                torch.testing.assert_close(a.attention, b.attention, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_is_asked_for_only_when_the_search_uses_it(model: Seq2Seq, monkeypatch) -> None:
+    src, lens = random_source([6, 2, 9], seed=6)
+    calls = recording_steps(model, monkeypatch)
+    for cfg, keep in ((SearchConfig(beam=1), False), (SearchConfig(beam=3), False),
+                      (SearchConfig(beam=3, coverage_penalty=0.5), False), (SearchConfig(beam=3), True)):
+        calls.clear()
+        search(model, src, lens, cfg, keep)
+        wanted = cfg.coverage_penalty > 0 or keep
+        assert calls and all(asked == given == wanted for _, asked, given in calls)
+
+
+def test_coverage_penalty_is_computed_from_the_attention_the_model_gives(model: Seq2Seq) -> None:
+    # The scores with beta > 0 are log P / lp + beta * sum_i log min(coverage_i, 1), the
+    # coverage summed over the attention rows each hypothesis comes back with.
+    # Fewer target tokens than source tokens (EndsAt), so that the coverage stays below 1.
+    src, lens = random_source([6, 2, 10], seed=7)
+    beta, alpha = 0.5, 0.6
+    model = EndsAt(model)
+    hyps = search(model, src, lens, SearchConfig(beam=3, n_best=3, length_penalty=alpha, coverage_penalty=beta),
+                  keep_attention=True)
+    plain = search(model, src, lens, SearchConfig(beam=3, n_best=3, length_penalty=alpha))
+    penalized = 0
+    for sentence, n in zip(hyps, lens.tolist(), strict=True):
+        for h in sentence:
+            coverage = h.attention.sum(0)[:n].clamp(min=1e-10, max=1.0)  # over the real source tokens
+            expected = h.log_prob / length_penalty(len(h.tokens) + 1, alpha) + beta * coverage.log().sum()
+            assert h.score == pytest.approx(float(expected), abs=1e-4)
+            penalized += float(coverage.log().sum()) < -1e-3
+    assert penalized  # the term did something
+    assert [[h.score for h in s] for s in hyps] != [[h.score for h in s] for s in plain]
+
+
+@pytest.mark.parametrize("beam", [1, 4])
+def test_search_waits_for_the_host_once_per_step(model: Seq2Seq, beam: int, monkeypatch) -> None:
+    """Reading a value off the device (``.item()``, ``bool()``, ``nonzero``) stalls a GPU
+    pipeline: the search does it once per step (which rows go on), plus once to size the
+    search; the hypotheses are copied out at the end with ``.tolist()``."""
+    src, lens = random_source([6, 2, 9, 4, 1, 7], seed=2)
+    calls = recording_steps(model, monkeypatch)
+    memory = model.encode(src, lens)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        search(model, src, lens, SearchConfig(beam=beam), memory=memory)
+    counts = {e.key: e.count for e in prof.key_averages()}
+    assert counts.get("aten::nonzero", 0) + counts.get("aten::_local_scalar_dense", 0) <= len(calls) + 1
 
 
 def test_n_best_is_sorted_distinct_and_starts_with_the_1_best(transformer: Seq2Seq) -> None:
