@@ -79,6 +79,7 @@ def train(
 ):
     """Train a model from a recipe; on a run directory with last.pt, resume exactly.
 
+    The corpus is read from the arrays `nmt prepare` writes, prepared first if missing or stale.
     Data-parallel training: `nmt train RECIPE --nproc N`, or `torchrun --nproc-per-node N -m nmt
     train RECIPE` (add --nnodes and --rdzv-endpoint for several machines).
     """
