@@ -154,3 +154,17 @@ def test_interactive_pipe_gets_line_one_back_before_line_two_is_written(trained_
     finally:
         if job.poll() is None:
             job.kill()
+
+
+def test_the_ctranslate2_engine_streams_through_the_same_chunks(trained_run: Path, source_text: str,
+                                                                tmp_path: Path) -> None:
+    pytest.importorskip("ctranslate2")
+    from nmt.export import ExportedModel, export_ctranslate2
+
+    export_ctranslate2(trained_run, tmp_path / "ct2")
+    engine = ExportedModel(tmp_path / "ct2", threads=1)
+    whole = [t.texts[0] for t in engine.translate(source_text.splitlines(), engine.search)]
+    result = runner.invoke(app, ["translate", "--engine", "ctranslate2", "-m", str(tmp_path / "ct2"),
+                                 "--chunk-lines", "7"], input=source_text)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.split("\n")[:-1] == whole
