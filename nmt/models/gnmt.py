@@ -35,8 +35,25 @@ from nmt.models.base import Memory, Seq2Seq
 from nmt.tokenizer import PAD
 
 
+def lstm_input(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as an LSTM must get it: under CPU bf16 autocast, in bf16, because oneDNN has no
+    LSTM kernel for an fp32 input with bf16 weights on CPUs without native bf16 (AVX2)."""
+    if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        return x.to(torch.get_autocast_dtype("cpu"))
+    return x
+
+
+def run_lstm(lstm: nn.LSTM, x: torch.Tensor, hx=None):
+    return lstm(lstm_input(x), hx)
+
+
 class NormalizedBahdanauAttention(nn.Module):
-    """score(q, k) = g * (v / |v|) . tanh(W_q q + W_k k + b)   (Salimans & Kingma 2016 norm)."""
+    """score(q, k) = g * (v / |v|) . tanh(W_q q + W_k k + b)   (Salimans & Kingma 2016 norm).
+
+    Computed as g / |v| * (2 v . sigmoid(2z) - sum(v)), z = W_q q + W_k k + b, which is the
+    same since tanh(z) = 2 sigmoid(2z) - 1: the (B, T, S, H) tensor, the largest of a
+    decoding step, then takes one sigmoid, where tanh costs several times more on the CPU.
+    """
 
     def __init__(self, hidden: int):
         super().__init__()
@@ -47,14 +64,16 @@ class NormalizedBahdanauAttention(nn.Module):
         self.g = nn.Parameter(torch.tensor(1.0))
 
     def keys(self, memory: torch.Tensor) -> torch.Tensor:
-        return self.key(memory)  # (B, S, H), computed once per sentence
+        return 2 * self.key(memory)  # (B, S, H): 2 W_k k, computed once per sentence
 
     def forward(self, query: torch.Tensor, keys: torch.Tensor, memory: torch.Tensor,
                 mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """query (B, T, H), keys/memory (B, S, H), mask (B, S) -> context (B, T, H), weights (B, T, S)."""
+        """query (B, T, H), keys (from ``keys``)/memory (B, S, H), mask (B, S) -> context (B, T, H),
+        weights (B, T, S)."""
         v = self.g * self.v / self.v.norm()
-        hidden = torch.tanh(self.query(query).unsqueeze(2) + keys.unsqueeze(1) + self.bias)  # (B, T, S, H)
-        scores = hidden @ v  # (B, T, S)
+        hidden = (2 * self.query(query)).unsqueeze(2) + keys.unsqueeze(1)  # (B, T, S, H)
+        hidden = hidden.add_(2 * self.bias).sigmoid_()  # sigmoid(2z), in place
+        scores = 2 * (hidden @ v) - v.sum()  # (B, T, S): v . tanh(z)
         weights = scores.masked_fill(~mask[:, None, :], float("-inf")).softmax(-1)
         return weights @ memory, weights
 
@@ -69,10 +88,10 @@ class Encoder(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
-        packed = pack_padded_sequence(x, lens.cpu(), batch_first=True, enforce_sorted=False)
+        packed = pack_padded_sequence(lstm_input(x), lens.cpu(), batch_first=True, enforce_sorted=False)
         x, _ = pad_packed_sequence(self.bidir(packed)[0], batch_first=True, total_length=x.size(1))  # (B, S, 2H)
         for i, layer in enumerate(self.layers):
-            y, _ = layer(self.drop(x))  # (B, S, H)
+            y, _ = run_lstm(layer, self.drop(x))  # (B, S, H)
             x = x + y if i >= 1 else y  # residual from the third layer on
         return x
 
@@ -139,14 +158,14 @@ class GNMT(Seq2Seq):
         """Run the decoder over ``tgt`` (B, T); returns logits (B, T, V), new hidden, attention
         (B, T, S). With ``beam`` k, T is 1 and keys, memory and mask have one row per k rows
         of ``tgt`` (a sentence's beams)."""
-        x, first = self.decoder_first(self.drop(self.embed(tgt)), hidden[0])  # (B, T, H)
+        x, first = run_lstm(self.decoder_first, self.drop(self.embed(tgt)), hidden[0])  # (B, T, H)
         # The beams of a sentence query its memory together, as target positions do.
         queries = x.view(keys.size(0), -1, x.size(-1))  # (n, k * T, H)
         context, weights = self.attention(queries, keys, memory, mask)  # (n, k * T, H), (n, k * T, S)
         context, weights = context.view_as(x), weights.view(*x.shape[:2], -1)  # (B, T, H), (B, T, S)
         new_hidden = [first]
         for i, layer in enumerate(self.decoder_layers):
-            y, state = layer(self.drop(torch.cat([x, context], -1)), hidden[i + 1])
+            y, state = run_lstm(layer, self.drop(torch.cat([x, context], -1)), hidden[i + 1])
             x = x + y if i >= 1 else y  # residual from the third layer on
             new_hidden.append(state)
         out = self.drop(self.classifier(self.drop(torch.cat([x, context], -1))))  # (B, T, E)

@@ -155,47 +155,56 @@ class KVCache:
     is already longer (a second step from one state) writes into a copy, not over a
     position a later state reads.
 
-    A beam reorder copies the filled positions into another buffer every step. Buffers
-    this large come fresh from the operating system on each allocation (page faults cost
-    as much as the copy), so a cache that no state reads any more hands its buffer to
-    ``spare``, shared by the caches of one decoding, and the next ``select`` reuses it.
+    A beam reorder copies the filled positions into another buffer every step. Fresh
+    buffers this large cost a page fault per page first written, so a cache that no state
+    reads any more hands its buffer to ``spare`` (the model's, at most two buffers, kept
+    between decodings), and the next ``select`` or decoding writes into it.
     """
 
-    def __init__(self, data: torch.Tensor, length: int = 0, spare: list[torch.Tensor] | None = None):
+    def __init__(self, data: torch.Tensor, spare: list[torch.Tensor], length: int = 0,
+                 base: torch.Tensor | None = None):
         self.data = data
+        self.spare = spare
         self.length = length
-        self.spare = [] if spare is None else spare
+        self.base = data if base is None else base  # the allocation ``data`` is a view of
 
     def __del__(self) -> None:
         if len(self.spare) < 2:
-            self.spare.append(self.data)
+            self.spare.append(self.base)
+
+    @staticmethod
+    def allocate(spare: list[torch.Tensor], like: torch.Tensor, shape: tuple[int, ...]) -> KVCache:
+        """An empty cache of ``shape`` (L, 2, N, capacity, H, Dh), in a spare buffer if one
+        is large enough (and on ``like``'s device and dtype), else in a new one."""
+        while spare:
+            base = spare.pop()
+            if (base.device, base.dtype) == (like.device, like.dtype) and base.shape[:2] == shape[:2] \
+                    and base.shape[4:] == shape[4:] and base.size(2) >= shape[2] and base.size(3) >= shape[3]:
+                return KVCache(base[:, :, : shape[2], : shape[3]], spare, 0, base)
+        return KVCache(like.new_empty(shape), spare)
 
     @property
     def capacity(self) -> int:
         return self.data.size(3)
-
-    def _buffer(self, rows: int, capacity: int) -> torch.Tensor:
-        layers, _, _, _, heads, dh = self.data.shape
-        while self.spare:  # a spare buffer with room for as many rows or more
-            data = self.spare.pop()
-            if data.size(2) >= rows and data.size(3) == capacity:
-                return data[:, :, :rows]
-        return self.data.new_empty(layers, 2, rows, capacity, heads, dh)
 
     def for_position(self, position: int, limit: int) -> KVCache:
         """A cache in which ``position`` may be written: this one, or a copy (branch, or full)."""
         if self.length == position and position < self.capacity:
             return self
         capacity = self.capacity if position < self.capacity else min(2 * self.capacity, limit)
-        data = self._buffer(self.data.size(2), capacity)
-        data[:, :, :, :position] = self.data[:, :, :, :position]
-        return KVCache(data, position, self.spare)
+        shape = self.data.shape
+        cache = KVCache.allocate(self.spare, self.data, (*shape[:3], capacity, *shape[4:]))
+        cache.data[:, :, :, :position] = self.data[:, :, :, :position]
+        cache.length = position
+        return cache
 
     def select(self, rows: torch.Tensor, length: int) -> KVCache:
         """Rows ``rows`` of the first ``length`` positions, in another buffer (one copy)."""
-        data = self._buffer(len(rows), self.capacity)
-        torch.index_select(self.data[:, :, :, :length], 2, rows, out=data[:, :, :, :length])
-        return KVCache(data, length, self.spare)
+        shape = self.data.shape
+        cache = KVCache.allocate(self.spare, self.data, (*shape[:2], len(rows), *shape[3:]))
+        torch.index_select(self.data[:, :, :, :length], 2, rows, out=cache.data[:, :, :, :length])
+        cache.length = length
+        return cache
 
 
 @dataclass
@@ -234,6 +243,7 @@ class Transformer(Seq2Seq):
         self.drop = nn.Dropout(cfg.dropout)
         # None: logits through the tied embedding; nmt.quantize sets an int8 copy of it here.
         self.output_projection: nn.Module | None = None
+        self._spare_caches: list[torch.Tensor] = []  # decoding buffers for reuse (KVCache)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -280,10 +290,9 @@ class Transformer(Seq2Seq):
         n = memory.states.size(0)
         heads, layers = self.cfg.heads, len(self.decoder)
         # Room for 16 positions to start with; a step that finds it full doubles it.
-        capacity = min(16, self.max_positions)
-        data = memory.states.new_empty(layers, 2, n * beam, capacity, heads, self.cfg.d_model // heads)
+        shape = (layers, 2, n * beam, min(16, self.max_positions), heads, self.cfg.d_model // heads)
         return TransformerState(
-            cache=KVCache(data),
+            cache=KVCache.allocate(self._spare_caches, memory.states, shape),
             cross_kv=[layer.cross_attn.keys_values(memory.states) for layer in self.decoder],
             mask=memory.mask[:, None, None, :],
             beam=beam,
