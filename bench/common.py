@@ -2,8 +2,8 @@
 
 The CPU (model, vector capability, threads) and the GPU if one is used, the device's matmul
 rate at the model's own shapes and precision (median of several runs, measured in the same
-process), and helpers to count a training step's FLOPs and turn them into utilisation of
-that rate.
+process; for decoding, at the shapes of a decoding step), and helpers to count FLOPs (a
+training step, a decoding) and turn them into utilisation of that rate.
 """
 
 from __future__ import annotations
@@ -59,9 +59,27 @@ def matmul_gflops(m: int, k: int, n: int, device: torch.device = torch.device("c
 
 def matmul_rates(tokens: int, d: int, ffn: int, vocab: int, device: torch.device = torch.device("cpu"),
                  dtype: torch.dtype = torch.float32) -> dict[str, float]:
-    shapes = {f"{tokens}x{d}x{d}": (tokens, d, d), f"{tokens}x{d}x{ffn}": (tokens, d, ffn),
-              f"{tokens}x{d}x{vocab}": (tokens, d, vocab)}
-    return {name: matmul_gflops(*shape, device=device, dtype=dtype) for name, shape in shapes.items()}
+    return matmul_rates_at([(tokens, d, d), (tokens, d, ffn), (tokens, d, vocab)], device, dtype)
+
+
+def matmul_rates_at(shapes: list[tuple[int, int, int]], device: torch.device = torch.device("cpu"),
+                    dtype: torch.dtype = torch.float32) -> dict[str, float]:
+    """GFLOP/s of (m x k) @ (k x n) for each (m, k, n), keyed "MxKxN"."""
+    return {"x".join(map(str, shape)): matmul_gflops(*shape, device=device, dtype=dtype) for shape in shapes}
+
+
+def decoder_matmul_shapes(model_cfg, vocab: int, rows: int) -> list[tuple[int, int, int]]:
+    """The largest matrix products of one decoding step over ``rows`` rows (sentences x beam).
+
+    Transformer: the self-attention projection, the first feed-forward layer and the output
+    projection. GNMT: an upper LSTM layer's input and recurrent products and the output
+    projection.
+    """
+    if model_cfg.kind == "transformer":
+        d = model_cfg.d_model
+        return [(rows, d, 3 * d), (rows, d, model_cfg.ffn), (rows, d, vocab)]
+    h = model_cfg.hidden
+    return [(rows, 2 * h, 4 * h), (rows, h, 4 * h), (rows, model_cfg.embed_dim, vocab)]
 
 
 def count_flops(fn) -> int:

@@ -6,6 +6,9 @@
 Translates the run's test split (or --src) several times per beam size and prints the
 median sentences/s and output subword tokens/s, with BLEU against --ref (or the run's
 test references), so a speed figure always comes with the quality it was measured at.
+Beside each figure: the machine's float32 matmul rate at the shapes of a decoding step
+(rows = sentences per batch x beam), and, in float32, the FLOPs the decoding took
+(counted by torch.utils.flop_counter) and the utilisation of that rate they amount to.
 With --stop, each beam size runs under each stopping rule, and the decoder steps (calls of
 the model's ``step``) and the rows they decoded are printed: the cost of the exact rule.
 With --ctranslate2 float32 int8, the run is also exported to CTranslate2 (a temporary
@@ -25,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import describe_machine, median  # noqa: E402
+from common import count_flops, decoder_matmul_shapes, describe_machine, matmul_rates_at, median  # noqa: E402
 
 from nmt import config  # noqa: E402
 from nmt.checkpoint import load_run  # noqa: E402
@@ -88,8 +91,26 @@ def main() -> None:
         label = f"beam {beam}" + (f" ({stop} stop)" if beam > 1 else "")
         print(f"{label}: {len(lines) / t:,.1f} sentences/s, {out_tokens / t:,.0f} output tokens/s "
               f"(median of {args.repeats}: {t:.2f} s{quality}{steps})")
+        print("  " + matmul_line(model, tokenizer, cfg, search, lines, t, args.int8))
     if args.ctranslate2:
         ctranslate2_rows(args, cfg.search, lines, refs)
+
+
+def matmul_line(model, tokenizer, cfg: config.Config, search: config.SearchConfig, lines: list[str],
+                seconds: float, int8: bool) -> str:
+    """The float32 matmul rate at a decoding step's shapes and, for float32 models, the
+    decoding's FLOPs and utilisation of the median of those rates."""
+    sentences = min(search.max_sentences, len(lines))
+    rows = sentences * search.beam
+    rates = matmul_rates_at(decoder_matmul_shapes(cfg.model, model.embed.num_embeddings, rows))
+    text = (f"matmul GFLOP/s at a step's shapes ({rows} rows = {sentences} sentences x beam {search.beam}): "
+            + " | ".join(f"{shape} {rate:,.0f}" for shape, rate in rates.items()))
+    if int8:
+        return text + "; FLOPs not counted for int8 (the counter does not see quantized kernels)"
+    flops = count_flops(lambda: translate(model, tokenizer, lines, search))
+    achieved = flops / seconds / 1e9
+    return (text + f"; decoding {flops / len(lines) / 1e9:.2f} GFLOP per sentence, {achieved:,.1f} GFLOP/s, "
+            f"{achieved / median(list(rates.values())):.0%} of the median rate")
 
 
 def ctranslate2_rows(args: argparse.Namespace, search: config.SearchConfig, lines: list[str],
