@@ -64,7 +64,8 @@ class SelfAttention(nn.Module):
         """One new position: x (N, 1, D); kv (2, N, capacity, H, Dh) holds the earlier ones
         and gets this one's key and value written at ``position``."""
         q, k, v = self.qkv(x).chunk(3, dim=-1)  # (N, 1, D) each
-        kv[:, :, position] = torch.stack([k[:, 0], v[:, 0]]).unflatten(-1, (self.heads, -1))  # (2, N, H, Dh)
+        kv[0, :, position] = k[:, 0].unflatten(-1, (self.heads, -1))  # (N, H, Dh)
+        kv[1, :, position] = v[:, 0].unflatten(-1, (self.heads, -1))
         keys, values = kv[:, :, : position + 1].transpose(2, 3).unbind(0)  # (N, H, position + 1, Dh) each
         y = F.scaled_dot_product_attention(split_heads(q, self.heads), keys, values)
         return self.out(merge_heads(y))
@@ -143,6 +144,16 @@ class DecoderLayer(nn.Module):
         y, weights = self.cross_attn(queries, memory_kv, memory_mask, need_weights)
         x = x + self.drop(y.view(rows, 1, d))
         return x + self.drop(self.ffn(self.norm3(x))), weights
+
+
+class SpareBuffers(list):
+    """Decoding buffers kept for reuse; a copy of the model (deepcopy, pickle) starts empty."""
+
+    def __deepcopy__(self, memo: dict) -> SpareBuffers:
+        return SpareBuffers()
+
+    def __reduce__(self):
+        return SpareBuffers, ()
 
 
 class KVCache:
@@ -243,7 +254,7 @@ class Transformer(Seq2Seq):
         self.drop = nn.Dropout(cfg.dropout)
         # None: logits through the tied embedding; nmt.quantize sets an int8 copy of it here.
         self.output_projection: nn.Module | None = None
-        self._spare_caches: list[torch.Tensor] = []  # decoding buffers for reuse (KVCache)
+        self._spare_caches = SpareBuffers()  # decoding buffers for reuse (KVCache)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -289,8 +300,10 @@ class Transformer(Seq2Seq):
     def init_state(self, memory: Memory, beam: int = 1) -> TransformerState:
         n = memory.states.size(0)
         heads, layers = self.cfg.heads, len(self.decoder)
-        # Room for 16 positions to start with; a step that finds it full doubles it.
-        shape = (layers, 2, n * beam, min(16, self.max_positions), heads, self.cfg.d_model // heads)
+        # Room for 2 |src| + 10 positions, above the length limit of most searches (a step that
+        # finds the cache full doubles it); positions never written are never touched.
+        capacity = min(2 * memory.states.size(1) + 10, self.max_positions)
+        shape = (layers, 2, n * beam, capacity, heads, self.cfg.d_model // heads)
         return TransformerState(
             cache=KVCache.allocate(self._spare_caches, memory.states, shape),
             cross_kv=[layer.cross_attn.keys_values(memory.states) for layer in self.decoder],
