@@ -190,6 +190,28 @@ class _Finished:
         return out
 
 
+def _candidates(log_probs: torch.Tensor, scores: torch.Tensor, at_limit: torch.Tensor, step: int, min_len: int,
+                never: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The best 2k continuations of each sentence over its k beams, best first: their
+    cumulative log-probs, rows (of N) and tokens, each (n, 2k).
+
+    ``log_probs`` (N, V) of target token ``step`` (overwritten: the vocabulary-wide passes
+    run in place), ``scores`` (n, k) the beams' cumulative log-probs, ``at_limit`` (n,) the
+    sentences that must end at this step.
+    """
+    n, k = scores.shape
+    vocab = log_probs.size(-1)
+    eos = _forbid(log_probs, step, min_len, never)  # (N,)
+    row_limit = at_limit.repeat_interleave(k)  # (N,)
+    row_scores = scores.view(-1)  # (N,)
+    # A row at its limit may only end: every other token gets -inf, EOS its own log-prob.
+    total = log_probs.add_(row_scores.masked_fill(row_limit, float("-inf"))[:, None])  # (N, V)
+    total[:, EOS] = torch.where(row_limit, eos + row_scores, total[:, EOS])
+    cand_scores, cand = total.view(n, k * vocab).topk(2 * k, dim=-1)  # (n, 2k)
+    rows = cand // vocab + torch.arange(n, device=cand.device)[:, None] * k
+    return cand_scores, rows, cand % vocab
+
+
 def _retired(best: torch.Tensor, next_scores: torch.Tensor, limits: torch.Tensor, step: int,
              cfg: SearchConfig) -> torch.Tensor:
     """(n_alive,) True for the sentences whose search is over after target token ``step``.
@@ -253,21 +275,14 @@ def beam_search(model: Seq2Seq, src: torch.Tensor, src_lens: torch.Tensor, cfg: 
 
     for t in range(steps):
         log_probs, state = model.step(history[:, t], state, need_attention)  # (N, V)
-        vocab = log_probs.size(-1)
         if need_attention and state.attention is None:  # a model without attention
             need_attention, attn_history, finished.attention = False, None, None
         if beta > 0:
             coverage = state.attention if coverage is None else coverage + state.attention
         if attn_history is not None:
             attn_history[:, t] = state.attention
-        eos = _forbid(log_probs, t, cfg.min_len, never)
-        at_limit = (sent_limits <= t + 1).repeat_interleave(k)  # (N,) rows that may only end
-        row_scores = scores.view(-1)
-        total = log_probs.add_(row_scores.masked_fill(at_limit, float("-inf"))[:, None])  # (N, V), in place
-        total[:, EOS] = torch.where(at_limit, eos + row_scores, total[:, EOS])
-        cand_scores, cand = total.view(-1, k * vocab).topk(2 * k, dim=-1)  # (n_alive, 2k)
-        cand_beam, cand_tok = cand // vocab, cand % vocab
-        cand_row = cand_beam + torch.arange(len(cand), device=device)[:, None] * k  # rows of N
+        cand_scores, cand_row, cand_tok = _candidates(log_probs, scores, sent_limits <= t + 1, t, cfg.min_len,
+                                                      never)  # (n_alive, 2k) each
         is_eos = (cand_tok == EOS) & torch.isfinite(cand_scores)
 
         # Finalize the EOS candidates ranked within the beam.
@@ -282,7 +297,7 @@ def beam_search(model: Seq2Seq, src: torch.Tensor, src_lens: torch.Tensor, cfg: 
                             None if attn_history is None else attn_history[ending_rows])
 
         # The next beams: the best k candidates that are not EOS.
-        rank = torch.arange(2 * k, device=device).expand_as(cand) + is_eos * (2 * k)
+        rank = torch.arange(2 * k, device=device).expand_as(cand_tok) + is_eos * (2 * k)
         pick = rank.topk(k, dim=-1, largest=False).indices  # (n_alive, k)
         next_scores = cand_scores.gather(1, pick)  # (n_alive, k)
         done = _retired(best, next_scores, sent_limits, t, cfg)
