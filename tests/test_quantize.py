@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_pairs
+from test_models import batch
 from torch import nn
 from torch.ao.nn.quantized import dynamic as qdynamic
 from typer.testing import CliRunner
@@ -17,7 +18,7 @@ from nmt import checkpoint, config
 from nmt.errors import NmtError
 from nmt.models import build_model
 from nmt.quantize import quantize_int8
-from nmt.tokenizer import BOS, MODEL_FILE, PAD, Tokenizer
+from nmt.tokenizer import BOS, MODEL_FILE, Tokenizer
 from nmt.translate import translate as translate_lines
 
 VOCAB = 80
@@ -34,14 +35,6 @@ runner = CliRunner()
 def model(request):
     torch.manual_seed(0)
     return build_model(SMALL[request.param], VOCAB).eval()
-
-
-def batch(lengths: list[int], seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    src = torch.full((len(lengths), max(lengths)), PAD, dtype=torch.long)
-    for i, n in enumerate(lengths):
-        src[i, :n] = torch.randint(4, VOCAB, (n,), generator=g)
-    return src, torch.tensor(lengths)
 
 
 def teacher_forced_steps(model, src, src_lens, tgt) -> torch.Tensor:

@@ -8,23 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import make_pairs
-from typer.testing import CliRunner
-
-from cli.main import app
-
-runner = CliRunner()
-
-
-def run(*args: str, input: str | None = None):
-    return runner.invoke(app, list(args), input=input)
-
-
-def one_error_line(result) -> str:
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.stderr.splitlines() if line.startswith("nmt: error:")]
-    assert len(lines) == 1, result.stderr
-    return lines[0]
+from test_cli import one_error_line, run
 
 
 @pytest.fixture
