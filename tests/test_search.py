@@ -188,6 +188,21 @@ def model(request) -> Seq2Seq:
     return build_model(SMALL[request.param], vocab_size=40).eval()
 
 
+class Wrapped(Seq2Seq):
+    """A model around ``model``: the same encoder, a decoder state of its own."""
+
+    def __init__(self, model: Seq2Seq):
+        super().__init__()
+        self.model = model
+
+    @property
+    def max_positions(self) -> int:
+        return self.model.max_positions
+
+    def encode(self, src: torch.Tensor, src_lens: torch.Tensor) -> Memory:
+        return self.model.encode(src, src_lens)
+
+
 @dataclass
 class EndsAtState:
     inner: DecoderState
@@ -204,22 +219,11 @@ class EndsAtState:
         return EndsAtState(self.inner.select(rows, sentences), ends, self.beam, self.position)
 
 
-class EndsAt(Seq2Seq):
+class EndsAt(Wrapped):
     """``model``, except that every hypothesis of a sentence of even length n ends with
     target token n / 2 + 1 (EOS gets all the probability): sentences leave the batch at
     known, different steps, the others at their length limits (untrained models seldom
     end a sentence themselves). Its own per-sentence tensor follows ``select`` too."""
-
-    def __init__(self, model: Seq2Seq):
-        super().__init__()
-        self.model = model
-
-    @property
-    def max_positions(self) -> int:
-        return self.model.max_positions
-
-    def encode(self, src: torch.Tensor, src_lens: torch.Tensor) -> Memory:
-        return self.model.encode(src, src_lens)
 
     def init_state(self, memory: Memory, beam: int = 1) -> EndsAtState:
         lengths = memory.mask.sum(1)
@@ -282,20 +286,9 @@ class RowState:
         return RowState(self.inner.select(rows, rows), self.beam)
 
 
-class MemoryPerRow(Seq2Seq):
+class MemoryPerRow(Wrapped):
     """The way the search ran before sentences kept their memory once: every row gets its
     own copy of its sentence's encoder output, and each select copies it with the row."""
-
-    def __init__(self, model: Seq2Seq):
-        super().__init__()
-        self.model = model
-
-    @property
-    def max_positions(self) -> int:
-        return self.model.max_positions
-
-    def encode(self, src: torch.Tensor, src_lens: torch.Tensor) -> Memory:
-        return self.model.encode(src, src_lens)
 
     def init_state(self, memory: Memory, beam: int = 1) -> RowState:
         rows = torch.arange(memory.states.size(0)).repeat_interleave(beam)
