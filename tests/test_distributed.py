@@ -107,6 +107,16 @@ def _rank_that_may_run_out_of_memory(rank: int, recipe: str, run: str, port: int
     torch.save(built[0].state_dict(), Path(run) / f"rank{rank}.params")
 
 
+def wait_for(job, seconds: float = 240) -> None:
+    """Join the processes of ``job``; kill them and fail if they take longer than ``seconds``."""
+    deadline = time.time() + seconds
+    while not job.join(timeout=1):
+        if time.time() > deadline:
+            for process in job.processes:
+                process.kill()
+            pytest.fail("the 2-rank job did not finish")
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -122,12 +132,7 @@ def test_a_rank_that_runs_out_of_memory_splits_its_batches_and_stays_in_step(
         _rank_that_may_run_out_of_memory, args=(str(recipe(tmp_path, corpus, spm, **steps)), str(run),
                                                 free_port(), 1, 20),
         nprocs=2, join=False, start_method="spawn")
-    deadline = time.time() + 240
-    while not job.join(timeout=1):
-        if time.time() > deadline:
-            for process in job.processes:
-                process.kill()
-            pytest.fail("the 2-rank job did not finish")
+    wait_for(job)
     splits = [r["oom_splits"] for r in train_records(run)]
     assert len(splits) == 4 and all(n > 0 for n in splits)  # rank 1's splits, logged by rank 0
     rank0, rank1 = (torch.load(run / f"rank{r}.params") for r in (0, 1))
@@ -274,12 +279,7 @@ def validated_on_two_ranks(tmp_path_factory, corpus: Path, trained_run: Path) ->
     ready = torch.multiprocessing.get_context("spawn").Barrier(2)
     job = torch.multiprocessing.start_processes(_validate_on_rank, nprocs=2, join=False, start_method="spawn",
                                                 args=(str(path), str(run), free_port(), weights, ready))
-    deadline = time.time() + 240
-    while not job.join(timeout=1):
-        if time.time() > deadline:
-            for process in job.processes:
-                process.kill()
-            pytest.fail("the 2-rank job did not finish")
+    wait_for(job)
     ranks = [json.loads((run / f"rank{r}.json").read_text()) for r in (0, 1)]
     trainer = training.Trainer(config.load_recipe(path), tmp / "one", progress_bar=False)
     trainer.model.load_state_dict(checkpoint.load(Path(weights))["model"])
