@@ -225,7 +225,7 @@ def translate(
         help="nmt, or ctranslate2: --model is then a directory written by nmt export, decoded by "
              "CTranslate2 in the precision it was exported in (--checkpoint, --int8 do not apply).")] = "nmt",
     chunk_lines: Annotated[int, typer.Option(
-        help="Most lines read and translated at a time (the first chunk at most 64, doubling up to this); "
+        help="Most lines read and translated at a time (the first chunk at most 16, doubling up to this); "
              "memory grows with it, not with the input.")] = 2000,
 ):
     """Translate lines from stdin (or --input) to stdout: N lines in, N lines out, in order.

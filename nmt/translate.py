@@ -146,7 +146,7 @@ def translate_text(model: Seq2Seq, tokenizer: Tokenizer, lines: list[str],
 
 # --- streaming: input of any size, a chunk at a time ---------------------------------------
 
-FIRST_CHUNK = 64  # lines in the first chunk: the first translations come out soon
+FIRST_CHUNK = 16  # lines in the first chunk: the first translations come out soon
 CHUNK_LINES = 2000  # the most lines in a chunk (the budget the chunks double up to)
 READ_BYTES = 1 << 16
 
