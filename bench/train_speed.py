@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import count_flops, describe_machine, matmul_rates, median  # noqa: E402
 
 from nmt import config, distributed  # noqa: E402
-from nmt.loss import label_smoothed_nll  # noqa: E402
+from nmt.loss import sequence_loss  # noqa: E402
 from nmt.train import Trainer  # noqa: E402
 
 
@@ -53,10 +53,8 @@ def flops_per_token(trainer: Trainer) -> float:
     batch = trainer.batches.collate(next(trainer.updates).batches[0]).to(trainer.device)
 
     def fwd_bwd():
-        with trainer.autocast:
-            logits = trainer.model(batch.src, batch.src_lens, batch.tgt_in)
-        loss, _ = label_smoothed_nll(logits, batch.tgt_out, trainer.cfg.train.label_smoothing)
-        loss.backward()
+        sequence_loss(trainer.model, batch.src, batch.src_lens, batch.tgt_in, batch.tgt_out,
+                      trainer.cfg.train.label_smoothing, lambda loss: loss.backward(), trainer.autocast)
 
     flops = count_flops(fwd_bwd)
     trainer.model.zero_grad(set_to_none=True)

@@ -76,16 +76,29 @@ def train(
     progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr.")] = True,
     nproc: Annotated[int, typer.Option(
         help="Processes (one per GPU, or CPU ranks with gloo): the same as torchrun --nproc-per-node.")] = 1,
+    init_from: Annotated[Optional[Path], typer.Option(
+        help="Fine-tune: start from this run's weights and spm.model (same model shape and tokenizer "
+             "settings; dropouts may differ). Step, schedule, best score and patience start fresh.")] = None,
+    checkpoint: Annotated[Optional[str], typer.Option(
+        help="With --init-from: the parent's checkpoint, best (default), last, averaged or a path.")] = None,
+    keep_optimizer: Annotated[bool, typer.Option(
+        help="With --init-from: also load the parent's Adam moments (needs --checkpoint last); the "
+             "step count and the learning rate schedule (warmup included) still start at 0.")] = False,
 ):
     """Train a model from a recipe; on a run directory with last.pt, resume exactly.
 
     The corpus is read from the arrays `nmt prepare` writes, prepared first if missing or stale.
     Data-parallel training: `nmt train RECIPE --nproc N`, or `torchrun --nproc-per-node N -m nmt
     train RECIPE` (add --nnodes and --rdzv-endpoint for several machines).
+    Fine-tuning: `nmt train RECIPE --init-from RUN --run NEW`; config.yaml records where NEW
+    started (init_from), and `nmt train NEW` resumes it like any run. RUN is only read.
     """
     from nmt import config, distributed
+    from nmt.train import fine_tune
     from nmt.train import train as run_training
 
+    if init_from is None and (checkpoint is not None or keep_optimizer):
+        raise NmtError("--checkpoint and --keep-optimizer choose what --init-from loads; add --init-from RUN")
     if nproc < 1:
         raise NmtError(f"--nproc {nproc}: give at least 1 process (one per GPU, or CPU ranks)")
     if nproc > 1 and not distributed.launched():
@@ -95,6 +108,8 @@ def train(
         run = run or recipe
         recipe = recipe / "config.yaml"
     cfg = config.load_recipe(recipe, set_ or [])
+    if init_from is not None:
+        cfg = fine_tune(cfg, init_from, checkpoint or "best", keep_optimizer)
     run_dir = run or Path("runs") / cfg.name
     run_training(cfg, run_dir, progress_bar=progress and sys.stderr.isatty())
     if test and cfg.data.test and int(os.environ.get("RANK", "0")) == 0:
@@ -133,6 +148,8 @@ def prepare(
     The tokenizer is the run's spm.model, or tokenizer.reuse's, or one trained now on a sample
     of the training data (tokenizer.sample_sentences lines per side) and written to RUN/spm.model.
     The arrays go to $NMT_CACHE/prepared (default ~/.cache/nmt/prepared). Prints each stage's time.
+    A data.train list of corpora ([{path: train}, {path: /data/bt, weight: 0.5}]) is prepared corpus
+    by corpus, with the pairs each gives an epoch (round(weight * pairs)).
     """
     from nmt import config
     from nmt.prepare import describe, prepare_run
@@ -162,15 +179,19 @@ def _open_input(path: Optional[Path]) -> tuple[BinaryIO, str]:
         raise NmtError(f"{path}: cannot be read ({e.strerror or e})") from None
 
 
-def _output_lines(results: list, n_best: int) -> str:
-    """One line per translation, or n_best lines 'line ||| text ||| score' each."""
+def _output_lines(results: list, n_best: int, alignment: bool = False) -> str:
+    """One line per translation, or n_best lines 'line ||| text ||| score' each; with
+    ``alignment`` each line ends with a tab and the hypothesis' word alignment."""
     out_lines = []
     for r in results:
         if n_best == 1:
-            out_lines.append(r.texts[0])
+            lines = [r.texts[0]]
         else:
             scores = [h.score for h in r.hypotheses] + [float("-inf")] * n_best
-            out_lines += [f"{r.line} ||| {t} ||| {s:.4f}" for t, s in zip(r.texts, scores)]
+            lines = [f"{r.line} ||| {t} ||| {s:.4f}" for t, s in zip(r.texts, scores)]
+        if alignment:
+            lines = [f"{line}\t{a}" for line, a in zip(lines, r.alignments + [""] * n_best)]
+        out_lines += lines
     return "".join(f"{line}\n" for line in out_lines)
 
 
@@ -188,6 +209,11 @@ def _search_config(cfg, beam, n_best, length_penalty, coverage_penalty, max_sent
     search = dataclasses.replace(cfg.search, **{k: v for k, v in given.items() if v is not None})
     if search.beam < 1:
         raise NmtError(f"--beam {search.beam}: the beam size must be at least 1 (1 is greedy search)")
+    if search.sampling != "none":  # no beam: --n-best is the number of samples
+        if beam is not None and beam > 1:
+            raise NmtError(f"--beam {beam} with --sampling {search.sampling}: sampling draws each token, it "
+                           "keeps no beam; drop --beam (--n-best N draws N samples) or give --sampling none")
+        return search
     if not 1 <= search.n_best <= search.beam:
         whose = "--beam" if beam is not None else "the recipe's search.beam"
         raise NmtError(f"--n-best {search.n_best} is more than the beam ({whose} {search.beam}): beam search "
@@ -202,18 +228,32 @@ def _progress(total: Optional[int], enabled: bool):
 @app.command()
 @user_errors
 def translate(
-    model: Annotated[Path, typer.Option("--model", "-m", help="Run directory written by nmt train.")],
+    model: Annotated[list[Path], typer.Option("--model", "-m", help=(
+        "Run directory written by nmt train. Repeat for an ensemble: at each step the members' "
+        "log-probs are averaged as the log of their mean probability, logsumexp(logp) - log M; the members "
+        "must share spm.model, the search settings are the first run's."))],
     input: Annotated[Optional[Path], typer.Option("--input", "-i", help="Source text (default: stdin).")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Translations (default: stdout).")] = None,
     checkpoint: Annotated[str, typer.Option(help="best, last, averaged, or a checkpoint path.")] = "best",
     beam: Annotated[Optional[int], typer.Option(help="Beam size; 1 is greedy (default: the recipe's).")] = None,
     n_best: Annotated[Optional[int], typer.Option(
-        help="Print the K best per line as 'line ||| text ||| score'.")] = None,
+        help="Print the K best per line as 'line ||| text ||| score' (with --sampling: K samples, "
+             "in draw order).")] = None,
     length_penalty: Annotated[Optional[float], typer.Option(help="GNMT length penalty alpha.")] = None,
     coverage_penalty: Annotated[Optional[float], typer.Option(help="GNMT coverage penalty beta.")] = None,
     stop: Annotated[Optional[str], typer.Option(
         help="Beam search stopping rule: standard (once beam hypotheses are finished) or exact (once "
              "nothing alive can beat the n-best; slower).")] = None,
+    sampling: Annotated[Optional[str], typer.Option(
+        help="Draw translations instead of searching (back-translation): topk:K or topp:P, none to "
+             "search (default: the recipe's search.sampling). The same for any batch size, given --seed.")] = None,
+    temperature: Annotated[Optional[float], typer.Option(
+        help="With --sampling: log-probs divided by T before drawing (default 1).")] = None,
+    seed: Annotated[Optional[int], typer.Option(
+        help="With --sampling: with each line's number, fixes the draws (default: search.seed, 0).")] = None,
+    alignment: Annotated[bool, typer.Option(
+        "--alignment", help="Append a tab and each hypothesis' word alignment from the attention, "
+        "'i-j' pairs (source word i, target word j, from 0).")] = False,
     min_len: Annotated[Optional[int], typer.Option(help="Fewest output tokens (default 1: never empty).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Most sentences per batch.")] = None,
     int8: Annotated[Optional[bool], typer.Option(
@@ -233,8 +273,8 @@ def translate(
     The input streams through in chunks, each written out before the next is read, so a line
     typed into a pipe is translated without waiting for the end of the input.
     """
-    from nmt.checkpoint import load_run
     from nmt.data import ON_BAD_LINE, InvalidUtf8
+    from nmt.ensemble import load_ensemble
     from nmt.train import pick_device
     from nmt.translate import read_chunks, translate_stream
     from nmt.translate import translate as run_translate
@@ -247,15 +287,19 @@ def translate(
     if engine == "ctranslate2":
         from nmt.export import ExportedModel
 
-        exported = ExportedModel(model)
+        if len(model) > 1:
+            raise NmtError("--engine ctranslate2 decodes one exported model; give one --model")
+        if sampling not in (None, "none") or alignment:
+            raise NmtError("--sampling and --alignment need --engine nmt (the default)")
+        exported = ExportedModel(model[0])
         search = _search_config(exported, beam, n_best, length_penalty, coverage_penalty, batch_size,
                                 stop=stop, min_len=min_len)
         decode = exported.translate
     else:
-        cfg, tokenizer, net = load_run(model, checkpoint, pick_device(), int8)
+        cfg, tokenizer, net = load_ensemble(model, checkpoint, pick_device(), int8)
         search = _search_config(cfg, beam, n_best, length_penalty, coverage_penalty, batch_size,
-                                stop=stop, min_len=min_len)
-        decode = functools.partial(run_translate, net, tokenizer)
+                                stop=stop, min_len=min_len, sampling=sampling, temperature=temperature, seed=seed)
+        decode = functools.partial(run_translate, net, tokenizer, keep_attention=alignment)
     stream, name = _open_input(input)
     try:
         out = sys.stdout if output is None else open(output, "w", encoding="utf-8")
@@ -265,7 +309,7 @@ def translate(
         chunks = read_chunks(stream, chunk_lines, on_bad_line=on_bad_line, name=name)
         with _progress(None, sys.stderr.isatty()) as bar:
             for results in translate_stream(decode, chunks, search, on_batch=bar.update, source_name=name):
-                out.write(_output_lines(results, search.n_best))
+                out.write(_output_lines(results, search.n_best, alignment))
                 out.flush()  # this chunk's translations are out before the next chunk is read
     except InvalidUtf8 as e:
         raise NmtError(f"{e}; or translate the other lines with --on-bad-line replace|skip-empty") from None
@@ -276,9 +320,39 @@ def translate(
             stream.close()
 
 
+# --- score ----------------------------------------------------------------------------------
+
+@app.command()
+@user_errors
+def score(
+    model: Annotated[Path, typer.Option("--model", "-m", help="Run directory written by nmt train.")],
+    src: Annotated[Path, typer.Option(help="Source sentences, one per line.")],
+    tgt: Annotated[Path, typer.Option(help="Their translations to score, line-aligned with --src.")],
+    checkpoint: Annotated[str, typer.Option(help="best, last, averaged, or a checkpoint path.")] = "best",
+    batch_size: Annotated[Optional[int], typer.Option(help="Most pairs per batch.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+):
+    """Score given translations by forced decoding: per pair, the log-probability of the target
+    (EOS included), its token count and the mean per token, tab-separated, in input order."""
+    import json
+
+    from nmt.checkpoint import load_run
+    from nmt.score import score_files
+    from nmt.train import pick_device
+
+    _check_counts(batch_size=batch_size)
+    cfg, tokenizer, net = load_run(model, checkpoint, pick_device(), int8=False)  # the model's own scores
+    scores = score_files(net, tokenizer, src, tgt, cfg.search.max_tokens, batch_size or cfg.search.max_sentences)
+    for s in scores:
+        if as_json:
+            typer.echo(json.dumps({"log_prob": s.log_prob, "tokens": s.tokens, "mean_log_prob": s.mean}))
+        else:
+            typer.echo(f"{s.log_prob:.4f}\t{s.tokens}\t{s.mean:.4f}")
+
+
 # --- eval -----------------------------------------------------------------------------------
 
-def _evaluate_model(run_dir: Path, src: Path, ref: Path, checkpoint: str, beam: Optional[int],
+def _evaluate_model(run_dir: list[Path], src: Path, ref: Path, checkpoint: str, beam: Optional[int],
                     int8: Optional[bool] = None, stop: Optional[str] = None) -> dict:
     from nmt.evaluate import evaluate_run
     from nmt.train import pick_device
@@ -311,8 +385,9 @@ def eval_(
     chrf_: Annotated[bool, typer.Option("--chrf", help="Score chrF.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print sacreBLEU's JSON.")] = False,
     width: Annotated[int, typer.Option(help="Decimals, as sacrebleu -w.")] = 1,
-    model: Annotated[Optional[Path], typer.Option(
-        "--model", "-m", help="Run directory: translate --src, then score.")] = None,
+    model: Annotated[Optional[list[Path]], typer.Option(
+        "--model", "-m", help="Run directory: translate --src, then score. Repeat for an ensemble (as in "
+        "nmt translate: mean probability of the members, the first run's search settings).")] = None,
     src: Annotated[Optional[Path], typer.Option(help="Source text to translate with --model.")] = None,
     checkpoint: Annotated[str, typer.Option(help="With --model: best, last, averaged or a path.")] = "best",
     beam: Annotated[Optional[int], typer.Option(help="With --model: beam size.")] = None,
@@ -332,7 +407,9 @@ def eval_(
     if sweep or save:
         if model is None or not sweep:
             raise NmtError("--sweep needs --model (the run to tune) and --save needs --sweep")
-        _sweep(model, sweep, src, ref, checkpoint, int8, save, beam=beam, stop=stop)
+        if len(model) > 1:
+            raise NmtError("--sweep tunes one run; give one --model")
+        _sweep(model[0], sweep, src, ref, checkpoint, int8, save, beam=beam, stop=stop)
         return
     if ref is None:
         raise NmtError("--ref is required: the reference translations")
@@ -343,7 +420,7 @@ def eval_(
         typer.echo(result["BLEU"]["line"])
         typer.echo(result["chrF2"]["line"])
         typer.echo(f"decoded {result['sentences']} sentences in {result['decode_seconds']:.1f} s "
-                   f"({result['sentences_per_s']:.1f} sentences/s); saved in {model / 'eval'}", err=True)
+                   f"({result['sentences_per_s']:.1f} sentences/s); saved in {model[0] / 'eval'}", err=True)
         return
     if hyp is None:
         raise NmtError("give --hyp and --ref to score, or --model, --src and --ref")

@@ -14,6 +14,10 @@ One batcher serves both corpora: the in-memory ``nmt.data.Parallel`` (lists of i
 and the memory-mapped ``nmt.prepare.PreparedCorpus`` (flat id arrays); ``lengths``
 gives the length arrays of either, and ``collate`` pads either.
 
+Several training corpora (``data.train`` as a list) are joined end to end into one index
+space by ``WeightedCorpora``; each epoch first draws which pairs of each corpus it holds, in
+proportion to the corpus weights (``draw_epoch`` defines it), then batches that draw as above.
+
 The trainer takes its batches from ``EpochBatches.updates``: an endless iterator of
 ``Update``s (the micro-batches of one optimizer step), each saying where the next one
 starts, which is all a checkpoint needs to resume the order exactly.
@@ -21,6 +25,7 @@ starts, which is all a checkpoint needs to resume the order exactly.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -33,7 +38,7 @@ from nmt.data import Parallel
 from nmt.prepare import PreparedCorpus, TokenArray
 from nmt.tokenizer import BOS, EOS, PAD
 
-Corpus = Union[Parallel, PreparedCorpus]
+Corpus = Union[Parallel, PreparedCorpus, "WeightedCorpora"]
 
 # The version of the batch order (which pairs each batch of an epoch holds, and in what
 # order the batches come). Checkpoints record it; raise it with any change that gives an
@@ -58,20 +63,27 @@ class Batch:
 
 def lengths(data: Corpus) -> tuple[np.ndarray, np.ndarray]:
     """Subword ids per pair on each side (without BOS/EOS), as two int64 arrays of len(data)."""
-    if isinstance(data, PreparedCorpus):
+    if isinstance(data, (PreparedCorpus, WeightedCorpora)):
         return data.src_lens.astype(np.int64), data.tgt_lens.astype(np.int64)
     return (np.fromiter(map(len, data.src), np.int64, len(data.src)),
             np.fromiter(map(len, data.tgt), np.int64, len(data.tgt)))
 
 
 def _side_lengths(side: Sequence, idx: np.ndarray) -> np.ndarray:
-    if isinstance(side, TokenArray):
+    if isinstance(side, (TokenArray, Joined)):
         return side.lens[idx].astype(np.int64)
     return np.array([len(side[i]) for i in idx], dtype=np.int64)
 
 
 def _padded(side: Sequence, idx: np.ndarray, lens: np.ndarray, width: int) -> np.ndarray:
     """(B, width) ids of the pairs ``idx`` on one side, PAD after each row's ``lens``."""
+    if isinstance(side, Joined):  # each corpus fills its own rows
+        out = np.empty((len(idx), width), dtype=np.int64)
+        part, local = side.locate(idx)
+        for k in np.unique(part):
+            rows = part == k
+            out[rows] = _padded(side.parts[k], local[rows], lens[rows], width)
+        return out
     if isinstance(side, TokenArray):
         # Gather straight from the mapped flat array: only the rows' own pages are read.
         cols = np.arange(width)
@@ -114,6 +126,93 @@ def collate(data: Corpus, indices: Sequence[int] | np.ndarray) -> Batch:
         tgt_out=torch.from_numpy(tgt),
         ntokens=int(tgt_lens.sum()) + len(idx),
     )
+
+
+# --- several corpora, drawn from with weights ------------------------------------------------
+
+class Joined(Sequence):
+    """One side of several corpora as one sequence: pair ``starts[k] + i`` is pair ``i`` of part ``k``."""
+
+    def __init__(self, parts: list[Sequence], starts: np.ndarray, lens: np.ndarray):
+        self.parts, self.starts, self.lens = parts, starts, lens  # lens: (pairs,) int64, ids per pair
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def locate(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The part each pair ``idx`` is in, and its index there."""
+        part = np.searchsorted(self.starts, idx, side="right") - 1
+        return part, idx - self.starts[part]
+
+    def __getitem__(self, i: int):
+        (part,), (local,) = self.locate(np.array([i], dtype=np.int64))
+        return self.parts[part][int(local)]
+
+
+def epoch_count(weight: float, pairs: int) -> int:
+    """Pairs a corpus of ``pairs`` pairs gives each epoch at ``weight``: round(weight * pairs), halves up."""
+    return math.floor(weight * pairs + 0.5)
+
+
+def draw_epoch(sizes: Sequence[int], weights: Sequence[float], seed: int, epoch: int) -> np.ndarray:
+    """The pairs of one epoch, as indices into the corpora joined end to end.
+
+    Corpus k, of n pairs and weight w, gives c = round(w * n) pairs (``epoch_count``): every pair
+    q = c // n times, and r = c - q * n pairs once more, drawn uniformly without replacement (the
+    first r of a permutation from numpy's legacy Mersenne Twister, seeded with ``seed``, ``epoch``
+    and k). So w = 1 takes each pair once and draws nothing, w = 0.5 takes another half every
+    epoch, w = 2.5 each pair twice and a random half a third time. The result holds corpus after
+    corpus, each in pair order, a repeated pair's copies side by side; the batcher then sorts
+    them by length, so one epoch is a single length-bucketed shuffle of them all.
+    """
+    drawn, start = [], 0
+    for k, (n, w) in enumerate(zip(sizes, weights)):
+        c = epoch_count(w, n)
+        q = c // n if n else 0
+        r = c - q * n
+        times = np.full(n, q, dtype=np.int64)
+        if r:
+            key = np.array([seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF, epoch & 0xFFFFFFFF, k], dtype=np.uint32)
+            times[np.random.RandomState(key).permutation(n)[:r]] += 1
+        drawn.append(start + np.repeat(np.arange(n, dtype=np.int64), times))
+        start += n
+    return np.concatenate(drawn) if drawn else np.zeros(0, dtype=np.int64)
+
+
+class WeightedCorpora:
+    """Several training corpora, indexed as one (corpus after corpus), each with a sampling weight.
+
+    ``src``/``tgt`` and the length arrays cover every pair once; ``draw(seed, epoch)`` gives the
+    pairs an epoch trains on (``draw_epoch``), ``per_epoch`` how many of them come from each corpus.
+    """
+
+    def __init__(self, parts: Sequence[Corpus], weights: Sequence[float]):
+        if len(parts) != len(weights) or not parts:
+            raise ValueError("one weight per corpus, and at least one corpus")
+        self.parts, self.weights = list(parts), [float(w) for w in weights]
+        self.sizes = [len(p) for p in self.parts]
+        self.starts = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
+        src, tgt = zip(*map(lengths, self.parts))
+        self.src = Joined([p.src for p in self.parts], self.starts, np.concatenate(src))
+        self.tgt = Joined([p.tgt for p in self.parts], self.starts, np.concatenate(tgt))
+
+    @property
+    def src_lens(self) -> np.ndarray:
+        return self.src.lens
+
+    @property
+    def tgt_lens(self) -> np.ndarray:
+        return self.tgt.lens
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    @property
+    def per_epoch(self) -> list[int]:
+        return [epoch_count(w, n) for w, n in zip(self.weights, self.sizes)]
+
+    def draw(self, seed: int, epoch: int) -> np.ndarray:
+        return draw_epoch(self.sizes, self.weights, seed, epoch)
 
 
 # --- one epoch's batches ---------------------------------------------------------------------
@@ -250,9 +349,16 @@ class EpochBatches:
 
     def epoch(self, epoch: int) -> BatchOrder:
         if self._last is None or self._last[0] != epoch:
-            batches = make_batches(self._src_lens, self._tgt_lens, self.max_tokens, self.seed, epoch)
-            self._last = (epoch, shard(batches, self.rank, self.world_size, self.drop_last))
+            self._last = (epoch, shard(self._all_batches(epoch), self.rank, self.world_size, self.drop_last))
         return self._last[1]
+
+    def _all_batches(self, epoch: int) -> BatchOrder:
+        """Every rank's batches of ``epoch``; of weighted corpora, the batches of that epoch's draw."""
+        if not isinstance(self.data, WeightedCorpora):
+            return make_batches(self._src_lens, self._tgt_lens, self.max_tokens, self.seed, epoch)
+        drawn = self.data.draw(self.seed, epoch)  # (pairs this epoch,) indices into the joined corpora
+        batches = make_batches(self._src_lens[drawn], self._tgt_lens[drawn], self.max_tokens, self.seed, epoch)
+        return BatchOrder(drawn[batches.pairs], batches.starts, batches.order)
 
     def collate(self, indices: Sequence[int] | np.ndarray) -> Batch:
         return collate(self.data, indices)

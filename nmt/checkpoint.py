@@ -8,7 +8,8 @@ the directory is then synced, so that a power cut cannot undo the rename.
 
 ``model_state`` and ``training_state`` make the dicts the trainer writes;
 ``check_resumable`` and ``restore_training`` read a ``last.pt`` back into a trainer's
-parts, every rank's random generators included.
+parts, every rank's random generators included; ``load_weights`` and ``load_moments``
+start a fine-tuned run from another run's checkpoint.
 """
 
 from __future__ import annotations
@@ -67,14 +68,17 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def load(path: Path, tokenizer_sha256: str | None = None) -> dict[str, Any]:
-    """Load and check a checkpoint; every failure is one NmtError naming the file."""
+def load(path: Path, tokenizer_sha256: str | None = None, mmap: bool = False) -> dict[str, Any]:
+    """Load and check a checkpoint; every failure is one NmtError naming the file.
+
+    ``mmap``: map the file instead of reading it, for a look at the header entries.
+    """
     path = Path(path)
     if not path.is_file():
         raise NmtError(f"{path}: no such checkpoint; train first (nmt train) or name "
                        "another with --checkpoint best|last|averaged|PATH")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError,
             OSError, AttributeError, KeyError, IndexError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -157,6 +161,30 @@ def restore_training(state: dict[str, Any], model: torch.nn.Module, optimizer: t
     rng = state["rng"]
     restore_rng(rng if "torch" in rng else rng[rank])  # older checkpoints kept one state for all ranks
     return state["progress"]
+
+
+def load_weights(state: dict[str, Any], path: Path, model: torch.nn.Module) -> None:
+    """The parameters of a loaded checkpoint into ``model``; a mismatch is one NmtError naming the file."""
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, KeyError) as e:
+        raise NmtError(f"{path}: parameters do not fit a {state.get('model_kind')} model of this config "
+                       f"({str(e).splitlines()[0][:100]}); the checkpoint may be from another run") from None
+
+
+def load_moments(state: dict[str, Any], path: Path, optimizer: torch.optim.Optimizer) -> None:
+    """A checkpoint's per-parameter optimizer state (Adam's moments and step counts) into ``optimizer``.
+
+    The optimizer keeps its own settings (learning rate, betas, eps): those are the new run's.
+    """
+    if "optimizer" not in state:
+        raise NmtError(f"{path} holds no optimizer state (only last.pt does); fine-tune from "
+                       "--checkpoint last to keep the optimizer, or leave out --keep-optimizer")
+    own = optimizer.state_dict()
+    saved = state["optimizer"]["state"]
+    if len(saved) > sum(len(group["params"]) for group in own["param_groups"]):
+        raise NmtError(f"{path}: its optimizer state covers more parameters than this model has")
+    optimizer.load_state_dict({"state": saved, "param_groups": own["param_groups"]})
 
 
 def average(paths: list[Path]) -> dict[str, Any]:
@@ -258,11 +286,7 @@ def load_run(run_dir: Path, which: str = "best", device: str | torch.device = "c
         raise NmtError(f"{path}: unknown model kind {state.get('model_kind')!r}; "
                        f"this nmt knows {', '.join(MODELS)}")
     model = build_model(cfg.model, len(tokenizer))
-    try:
-        model.load_state_dict(state["model"])
-    except (RuntimeError, KeyError) as e:
-        raise NmtError(f"{path}: parameters do not fit a {cfg.model.kind} model of this config "
-                       f"({str(e).splitlines()[0][:100]}); the checkpoint may be from another run") from None
+    load_weights(state, path, model)
     if int8 is None:
         int8 = cfg.search.int8 and torch.device(device).type == "cpu"
     cfg.search.int8 = int8

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -31,11 +32,20 @@ class DataConfig:
     tgt_lang: str = "de"
     # A directory holding {train,valid,test}.{lang}; relative paths are read under $NMT_DATA.
     dir: str = "multi30k"
-    train: str = "train"
+    # A prefix (train -> DIR/train.{src_lang,tgt_lang}; one with a "/" is a path prefix), or a
+    # list of corpora with sampling weights: [{path: train}, {path: /data/bt, weight: 0.5}].
+    # Each epoch takes round(weight * pairs) pairs of each corpus (see nmt.batching.draw_epoch).
+    train: str | list = "train"
     valid: str = "valid"
     test: str = "test2016"
     # Training pairs longer than this (in subword tokens, either side) are dropped and counted.
     max_len: int = 100
+
+    def __post_init__(self) -> None:
+        # An entry's weight written out (1.0 when left out): the saved config.yaml says what each
+        # corpus weighed, and {path: x} and {path: x, weight: 1.0} are the same data at resume.
+        if isinstance(self.train, list):
+            self.train = [{**e, "weight": e.get("weight", 1.0)} if isinstance(e, dict) else e for e in self.train]
 
 
 @dataclass
@@ -108,6 +118,8 @@ class TrainConfig:
     precision: str = "fp32"
     # How long a collective may wait for a peer before the job fails (torch's default is 30 min).
     dist_timeout_minutes: float = 10.0
+    # Also write the logged scalars to RUN/tb/ for TensorBoard (needs the tensorboard package).
+    tensorboard: bool = False
 
 
 @dataclass
@@ -128,10 +140,20 @@ class SearchConfig:
     # When beam search retires a sentence: "standard" once it has `beam` finished hypotheses,
     # "exact" once no alive hypothesis can still beat the n_best-th finished one (slower).
     stop: str = "standard"
+    # Draw translations instead of searching (back-translation): "none", "topk:K" (among the K
+    # most probable tokens) or "topp:P" (among the fewest tokens holding probability P); beam
+    # and penalties are then not used, n_best is the number of samples per sentence.
+    sampling: str = "none"
+    temperature: float = 1.0  # log-probs are divided by it before sampling
+    seed: int = 0  # with the input line number, fixes every draw (any batch size gives the same)
 
     def __post_init__(self) -> None:
         # Checked here, not in _validate, so that settings from the command line and from
         # a run's search.yaml (dataclasses.replace) are checked too.
+        self.sampling_rule()
+        if not self.temperature > 0:
+            raise NmtError(f"search.temperature (--temperature) {self.temperature}: must be above 0 "
+                           "(1 samples from the model's distribution, below 1 sharpens it)")
         if self.stop not in ("standard", "exact"):
             raise NmtError(f"search.stop must be standard or exact, got {self.stop!r}")
         if self.min_len < 0:
@@ -139,6 +161,45 @@ class SearchConfig:
         if self.coverage_penalty < 0:
             raise NmtError(f"search.coverage_penalty must be 0 or more (a negative beta rewards "
                            f"leaving the source untranslated), got {self.coverage_penalty}")
+
+    def sampling_rule(self) -> tuple[str, float] | None:
+        """``sampling`` parsed: None (search), ("topk", K) or ("topp", P)."""
+        if self.sampling == "none":
+            return None
+        kind, _, value = self.sampling.partition(":")
+        where = f"search.sampling (--sampling) {self.sampling!r}"
+        if kind == "topk":
+            try:
+                k = int(value)
+            except ValueError:
+                raise NmtError(f"{where}: K must be a whole number, as in topk:10") from None
+            if k < 1:
+                raise NmtError(f"{where}: K must be at least 1 (topk:1 is greedy search)")
+            return kind, k
+        if kind == "topp":
+            try:
+                p = float(value)
+            except ValueError:
+                raise NmtError(f"{where}: P must be a number, as in topp:0.9") from None
+            if not 0 < p <= 1:
+                raise NmtError(f"{where}: P must be above 0 and at most 1 (topp:1 samples from all tokens)")
+            return kind, p
+        raise NmtError(f"{where}: choose none, topk:K (say topk:10) or topp:P (say topp:0.9)")
+
+
+@dataclass
+class InitFrom:
+    """Where a fine-tuned run's weights came from (``nmt train --init-from``).
+
+    ``step`` and ``sha256`` are filled in when the run starts; a later fresh start of the
+    same run checks that the checkpoint is still the one recorded.
+    """
+
+    run: str = ""
+    checkpoint: str = "best"  # best, last, averaged, or a checkpoint path
+    keep_optimizer: bool = False  # the parent's Adam moments too (the step and the schedule start over)
+    step: int | None = None
+    sha256: str | None = None
 
 
 @dataclass
@@ -149,6 +210,7 @@ class Config:
     model: Any = field(default_factory=TransformerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
+    init_from: InitFrom | None = None  # a fine-tuned run: the run and checkpoint it started from
 
 
 SECTIONS = {
@@ -164,6 +226,9 @@ RESUMABLE_CHANGES = {
     "tokenizer.reuse", "train.max_steps", "train.max_epochs", "train.max_minutes", "train.valid_every",
     "train.patience", "train.log_every", "train.keep_last", "train.average_last",
     "train.threads", "train.valid_beam", "train.valid_max_sentences", "train.dist_timeout_minutes", "name",
+    "train.tensorboard",
+    # Where a fine-tuned run started is history: a resume keeps the recorded one.
+    "init_from", *(f"init_from.{f.name}" for f in dataclasses.fields(InitFrom)),
     # How a trained model is decoded does not change what was trained.
     *(f"search.{f.name}" for f in dataclasses.fields(SearchConfig)),
 }
@@ -171,12 +236,43 @@ RESUMABLE_CHANGES = {
 
 def split_paths(data: DataConfig, split: str) -> tuple[Path, Path]:
     """The (source, target) files of a split name, or of a path prefix given in its place."""
+    prefix = getattr(data, split, split)
+    if not isinstance(prefix, str):
+        raise NmtError(f"data.{split} lists several corpora; train_corpora() gives their files")
+    return prefix_paths(data, prefix)
+
+
+def prefix_paths(data: DataConfig, prefix: str) -> tuple[Path, Path]:
+    """``DIR/prefix.{src,tgt}``; a prefix with a ``/`` is a path of its own (``/x/bt`` -> ``/x/bt.en``)."""
     base = Path(data.dir)
     if not base.is_absolute() and not base.exists():
         base = data_root() / base
-    prefix = getattr(data, split, split)
     stem = Path(prefix) if "/" in prefix else base / prefix
     return Path(f"{stem}.{data.src_lang}"), Path(f"{stem}.{data.tgt_lang}")
+
+
+@dataclass(frozen=True)
+class TrainCorpus:
+    """One corpus of ``data.train``: how messages name it, its two files, its sampling weight."""
+
+    name: str  # "data.train" for a plain prefix, "data.train[i]" for an entry of a list
+    prefix: str
+    src: Path
+    tgt: Path
+    weight: float
+
+    @property
+    def listed(self) -> bool:
+        """An entry of a ``data.train`` list (named by its place), not a plain prefix."""
+        return self.name != "data.train"
+
+
+def train_corpora(data: DataConfig) -> list[TrainCorpus]:
+    """The training corpora of a checked ``data`` section, in the order the recipe lists them."""
+    if isinstance(data.train, str):
+        return [TrainCorpus("data.train", data.train, *prefix_paths(data, data.train), 1.0)]
+    return [TrainCorpus(f"data.train[{i}]", entry["path"], *prefix_paths(data, entry["path"]),
+                        float(entry.get("weight", 1.0))) for i, entry in enumerate(data.train)]
 
 
 # --- checking values against the dataclasses -------------------------------------------
@@ -227,7 +323,7 @@ def from_dict(raw: dict) -> Config:
     if not isinstance(raw, dict):
         raise NmtError("a recipe must be a YAML mapping with sections "
                        "data, tokenizer, model, train, search")
-    known = {"name", "model", *SECTIONS}
+    known = {"name", "model", "init_from", *SECTIONS}
     for key in raw:
         if key not in known:
             raise NmtError(f"unknown recipe section {key!r}; valid: {', '.join(sorted(known))}")
@@ -249,6 +345,10 @@ def from_dict(raw: dict) -> Config:
                            f"not {kind}; remove it (valid keys for {kind}: "
                            f"{', '.join(f.name for f in dataclasses.fields(MODEL_CONFIGS[kind]))})")
     cfg.model = _build(MODEL_CONFIGS[kind], model, "model")
+    if raw.get("init_from") is not None:
+        cfg.init_from = _build(InitFrom, raw["init_from"], "init_from")
+        if not cfg.init_from.run:
+            raise NmtError("recipe key init_from.run: name the run directory to start from")
     _validate(cfg)
     return cfg
 
@@ -286,7 +386,40 @@ def _data_checks(cfg: Config) -> list[Check]:
          "must be at least 300 (256 byte pieces and the specials are part of it)"),
         ("tokenizer.model_type", cfg.tokenizer.model_type, cfg.tokenizer.model_type in ("unigram", "bpe"),
          "must be unigram or bpe"),
+        *_corpus_checks(cfg.data),
     ]
+
+
+CORPUS_KEYS = ("path", "weight")
+
+
+def _corpus_checks(data: DataConfig) -> list[Check]:
+    """A list in ``data.train``: each entry a mapping with a ``path`` and a ``weight`` > 0 (default 1)."""
+    if isinstance(data.train, str):
+        return []
+    checks: list[Check] = [("data.train", data.train, len(data.train) > 0,
+                            "must name a split, or list at least one corpus as {path: PREFIX, weight: W}")]
+    first: dict[str, int] = {}
+    for i, entry in enumerate(data.train):
+        key = f"data.train[{i}]"
+        if not isinstance(entry, dict):
+            checks.append((key, entry, False, "must be a mapping such as {path: train, weight: 1.0}"))
+            continue
+        checks += [(f"{key}.{k}", v, False, f"is not a key of a corpus entry (valid: {', '.join(CORPUS_KEYS)})")
+                   for k, v in entry.items() if k not in CORPUS_KEYS]
+        path, weight = entry.get("path"), entry.get("weight", 1.0)
+        checks.append((f"{key}.path", path, isinstance(path, str) and bool(path.strip()),
+                       "must be given: a prefix under data.dir (train) or a path prefix (/data/bt reads "
+                       "/data/bt.SRC_LANG and /data/bt.TGT_LANG)"))
+        number = isinstance(weight, (int, float)) and not isinstance(weight, bool)
+        checks.append((f"{key}.weight", weight, number and 0 < weight < math.inf,
+                       "must be > 0" if number and weight <= 0 else "must be a finite number > 0"))
+        if isinstance(path, str) and path in first:
+            checks.append((f"{key}.path", path, False, f"repeats data.train[{first[path]}].path; give that "
+                           "corpus one entry, with the weight it should have"))
+        elif isinstance(path, str):
+            first[path] = i
+    return checks
 
 
 def _model_checks(m: Any) -> list[Check]:

@@ -72,20 +72,26 @@ def report(scores: list[Score], as_json: bool, width: int = 1) -> str:
     return "\n".join(s.line(width) for s in scores)
 
 
-def evaluate_run(run_dir: Path, src: Path, ref: Path, checkpoint: str = "best", beam: int | None = None,
-                 device: str = "cpu", int8: bool | None = None, stop: str | None = None) -> dict:
+def evaluate_run(run_dir: Path | list[Path], src: Path, ref: Path, checkpoint: str = "best",
+                 beam: int | None = None, device: str = "cpu", int8: bool | None = None,
+                 stop: str | None = None) -> dict:
     """Translate ``src`` with a run's model, score against ``ref``, save both in ``run_dir/eval``.
 
     ``int8``: decode with the int8 model (None: the run's ``search.int8``), see ``load_run``.
+    A list of runs decodes with their ensemble (``nmt.ensemble``), saved in the first run's
+    ``eval`` under a name that lists the other runs.
     """
-    from nmt.checkpoint import fingerprint, load_run, resolve
+    from nmt.checkpoint import fingerprint, resolve
     from nmt.data import read_parallel
+    from nmt.ensemble import load_ensemble
     from nmt.tokenizer import file_sha256
     from nmt.translate import translate_text
 
     if beam is not None and beam < 1:
         raise NmtError(f"--beam {beam}: the beam size must be at least 1 (1 is greedy search)")
-    cfg, tokenizer, net = load_run(run_dir, checkpoint, device, int8)
+    runs = [Path(r) for r in run_dir] if isinstance(run_dir, list | tuple) else [Path(run_dir)]
+    run_dir = runs[0]
+    cfg, tokenizer, net = load_ensemble(runs, checkpoint, device, int8)
     used = fingerprint(resolve(run_dir, checkpoint))  # which weights, should best.pt change later
     search = dataclasses.replace(cfg.search, n_best=1, **{k: v for k, v in [("beam", beam), ("stop", stop)]
                                                          if v is not None})
@@ -100,11 +106,14 @@ def evaluate_run(run_dir: Path, src: Path, ref: Path, checkpoint: str = "best", 
                   beam=search.beam, int8=cfg.search.int8, sentences=len(lines), decode_seconds=seconds,
                   sentences_per_s=len(lines) / max(seconds, 1e-9))
     result["search"] = dataclasses.asdict(search)  # the settings used, search.yaml included
+    if len(runs) > 1:
+        result["ensemble"] = [{"run": str(r), **fingerprint(resolve(r, checkpoint))} for r in runs]
     out_dir = Path(run_dir) / "eval"
     out_dir.mkdir(exist_ok=True)
     tag = checkpoint if checkpoint in ("best", "last", "averaged") else "ckpt"
     stem = f"{Path(src).name}.{tag}.beam{search.beam}{'.int8' if cfg.search.int8 else ''}"
     stem += ".exact" if search.stop == "exact" else ""
+    stem += "".join(f"+{r.name}" for r in runs[1:])
     (out_dir / f"{stem}.hyp").write_text("".join(f"{h}\n" for h in hyps), encoding="utf-8")
     (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
     return result

@@ -22,6 +22,9 @@ DDP job. Prepared once, the arrays cost the disk and the page cache once for all
 A run that trains its own tokenizer gets a name of its own, so it can never be handed
 arrays made with another tokenizer (the header's tokenizer sha256 is checked as well).
 
+Several training corpora (``data.train`` as a list) are prepared one by one, each in a
+directory of its own, so that adding a corpus to the list encodes that corpus alone.
+
 When is it stale? The header records each file's size, mtime and the sha256 of its first
 and last MiB; if any of them differs, the data is rebuilt and a message says which file
 changed. An edit that keeps a file's size and mtime and touches only its middle goes
@@ -43,6 +46,7 @@ import hashlib
 import itertools
 import json
 import logging
+import math
 import os
 import shutil
 import struct
@@ -246,6 +250,55 @@ def sample_pairs(src: Path, tgt: Path, k: int, seed: int, progress: bool = False
     return keep_src, keep_tgt, seen
 
 
+def count_lines(path: Path) -> int:
+    """Lines in a file (a last line without a line end counts), read a block at a time."""
+    lines, last = 0, b"\n"
+    with _open(path) as f:
+        while block := f.read(BLOCK_BYTES):
+            lines, last = lines + block.count(b"\n"), block[-1:]
+    return lines + (last != b"\n")
+
+
+def check_sources(corpora: list[config.TrainCorpus]) -> None:
+    """Every file of a ``data.train`` list can be opened: else an error naming the entry and the file.
+
+    Run before any corpus is read, so a missing last file stops ``nmt prepare`` before it
+    spends an hour on the others. A plain ``data.train`` prefix keeps the reader's own message.
+    """
+    if not corpora[0].listed:
+        return
+    for corpus in corpora:
+        for path in (corpus.src, corpus.tgt):
+            try:
+                _open(path).close()
+            except NmtError as e:
+                raise NmtError(f"{corpus.name} (path {corpus.prefix}): {e}") from None
+
+
+def sample_corpora(corpora: list[config.TrainCorpus], k: int, seed: int, progress: bool = False
+                   ) -> tuple[list[str], list[str], int]:
+    """At most ``k`` pairs drawn from the training corpora for SentencePiece, and their pairs in all.
+
+    A plain ``data.train`` is ``sample_pairs``. A list shares ``k`` among its corpora in
+    proportion to weight * lines (what each gives an epoch), each share at most the corpus's
+    lines and rounded down, so the sample stays within ``k``; each corpus is then sampled as
+    one (seed ``seed + its position``). Counting the lines first costs a pass over the source files.
+    """
+    if not corpora[0].listed:
+        return sample_pairs(corpora[0].src, corpora[0].tgt, k, seed, progress)
+    lines = [count_lines(c.src) for c in corpora]
+    mass = sum(c.weight * n for c, n in zip(corpora, lines)) or 1.0
+    src: list[str] = []
+    tgt: list[str] = []
+    for i, (corpus, n) in enumerate(zip(corpora, lines)):
+        share = min(n, math.floor(k * corpus.weight * n / mass))
+        if share:
+            s, t, _ = sample_pairs(corpus.src, corpus.tgt, share, seed + i, progress)
+            src += s
+            tgt += t
+    return src, tgt, sum(lines)
+
+
 def _within_characters(src: list[str], tgt: list[str], limit: int, seed: int) -> tuple[list[str], list[str]]:
     """A uniform subset of the sampled pairs, in their order, with about ``limit`` characters at most."""
     chars = sum(map(len, src)) + sum(map(len, tgt))
@@ -282,13 +335,15 @@ def run_tokenizer(cfg: Config, run_dir: Path, progress: bool = False, timings: T
     k = cfg.tokenizer.sample_sentences
     if k < 1:
         raise NmtError(f"recipe key tokenizer.sample_sentences: {k!r} is out of range; must be at least 1")
-    src, tgt = config.split_paths(cfg.data, "train")
+    corpora = config.train_corpora(cfg.data)
+    check_sources(corpora)
     start = time.perf_counter()
-    src_sample, tgt_sample, pairs = sample_pairs(src, tgt, k, cfg.train.seed, progress)
+    src_sample, tgt_sample, pairs = sample_corpora(corpora, k, cfg.train.seed, progress)
     src_sample, tgt_sample = _within_characters(src_sample, tgt_sample, SENTENCEPIECE_CHARS, cfg.train.seed)
     timings.read_sample = time.perf_counter() - start
-    log.info("training a joint SentencePiece model (%d pieces) on %s of the %s pairs of %s and %s",
-             cfg.tokenizer.vocab_size, f"{len(src_sample):,}", f"{pairs:,}", src.name, tgt.name)
+    names = f"{len(corpora)} corpora" if corpora[0].listed else f"{corpora[0].src.name} and {corpora[0].tgt.name}"
+    log.info("training a joint SentencePiece model (%d pieces) on %s of the %s pairs of %s",
+             cfg.tokenizer.vocab_size, f"{len(src_sample):,}", f"{pairs:,}", names)
     start = time.perf_counter()
     tokenizer = train_tokenizer(src_sample + tgt_sample, run_dir, cfg.tokenizer.vocab_size,
                                 cfg.tokenizer.model_type, cfg.train.seed, max_sentences=2 * k,
@@ -691,24 +746,45 @@ def prepare_split(cfg: Config, tokenizer: Tokenizer, split: str = "train", *, ca
                    timings=timings)
 
 
+def prepare_train(cfg: Config, tokenizer: Tokenizer, *, cache: Path | None = None, progress: bool = False,
+                  timings: Timings | None = None) -> list[PreparedCorpus]:
+    """Each corpus of ``data.train``, prepared on its own (a cache entry each), in the recipe's order.
+
+    A corpus added to the list is encoded alone; the others are found prepared.
+    """
+    corpora = config.train_corpora(cfg.data)
+    check_sources(corpora)
+    return [prepare(c.src, c.tgt, tokenizer, split_max_len(cfg, "train"), cache=cache, progress=progress,
+                    timings=timings) for c in corpora]
+
+
 @dataclass
 class SplitReport:
     split: str
     corpus: PreparedCorpus
     timings: Timings
     seconds: float
+    weight: float | None = None  # a corpus of a data.train list: its sampling weight
 
 
 def prepare_run(cfg: Config, run_dir: Path, progress: bool = False, cache: Path | None = None
                 ) -> tuple[Tokenizer, Timings, list[SplitReport]]:
-    """``nmt prepare``: the run's tokenizer, then the prepared train and valid splits."""
+    """``nmt prepare``: the run's tokenizer, then each training corpus and the valid split."""
     tokenizer_timings = Timings()
     tokenizer = run_tokenizer(cfg, run_dir, progress, tokenizer_timings)
+    corpora = config.train_corpora(cfg.data)
+    check_sources(corpora)
     reports = []
-    for split in ("train", "valid"):
+    for corpus in corpora:
+        listed = corpus.listed
         timings, start = Timings(), time.perf_counter()
-        corpus = prepare_split(cfg, tokenizer, split, cache=cache, progress=progress, timings=timings)
-        reports.append(SplitReport(split, corpus, timings, time.perf_counter() - start))
+        prepared = prepare(corpus.src, corpus.tgt, tokenizer, split_max_len(cfg, "train"), cache=cache,
+                           progress=progress, timings=timings)
+        reports.append(SplitReport(f"{corpus.name.removeprefix('data.')} {corpus.prefix}" if listed else "train",
+                                   prepared, timings, time.perf_counter() - start, corpus.weight if listed else None))
+    timings, start = Timings(), time.perf_counter()
+    valid = prepare_split(cfg, tokenizer, "valid", cache=cache, progress=progress, timings=timings)
+    reports.append(SplitReport("valid", valid, timings, time.perf_counter() - start))
     return tokenizer, tokenizer_timings, reports
 
 
@@ -720,11 +796,15 @@ def describe(tokenizer: Tokenizer, tokenizer_timings: Timings, reports: list[Spl
                  f"SentencePiece {t.sentencepiece:.1f} s)"]
     else:
         lines = [f"tokenizer: {tokenizer.path}"]
+    from nmt.batching import epoch_count  # batching reads prepared corpora: imported here, not at the top
+
     for r in reports:
         h = r.corpus.header
         lines.append(f"{r.split}: {h['lines']:,} lines, {h['pairs']:,} pairs kept, {h['dropped_empty']:,} "
                      f"dropped as empty, {h['dropped_too_long']:,} longer than {h['max_len']} tokens; "
                      f"{h['tokens']['src']:,} + {h['tokens']['tgt']:,} ids")
+        if r.weight is not None:
+            lines.append(f"  weight {r.weight:g}: {epoch_count(r.weight, h['pairs']):,} pairs per epoch")
         rt = r.timings
         done = f"read {rt.read:.1f} s, encode {rt.encode:.1f} s, write {rt.write:.1f} s" if rt.encode else "reused"
         lines.append(f"  {done} ({r.seconds:.1f} s in all): {r.corpus.directory}")

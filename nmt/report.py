@@ -50,6 +50,8 @@ class RunSummary:
     test_checkpoint: str = ""  # the checkpoint that translated it ("best step 1200")
     # Empty when the test result is the recipe's test split with the best checkpoint; else how it differs.
     test_note: str = ""
+    # A fine-tuned run: the run and checkpoint it started from ("runs/base best.pt step 3000"); else empty.
+    init_from: str = ""
     # Best valid BLEU by each of the asked training times ({"10": 21.3, ...}); None where the
     # run did not train that long.
     bleu_at: dict[str, float | None] = field(default_factory=dict)
@@ -230,8 +232,20 @@ def summarize(run: Path, target: float | None = None, at: list[float] = ()) -> R
         test_source=Path(test.get("src", "")).name if test else "",
         test_checkpoint=_checkpoint_label(test) if test else "",
         test_note=test_note,
+        init_from=_origin(cfg),
         bleu_at={f"{m:g}": bleu_at(records, m) for m in at},
     )
+
+
+def _origin(cfg: dict) -> str:
+    """Where a fine-tuned run's weights came from, as its config.yaml records it; "" for a run from scratch."""
+    init = cfg.get("init_from")
+    if not isinstance(init, dict) or not init.get("run"):
+        return ""
+    which = str(init.get("checkpoint") or "best")
+    which = f"{which}.pt" if which in ("best", "last", "averaged") else which
+    step = f" step {init['step']}" if init.get("step") is not None else ""
+    return f"{init['run']} {which}{step}"
 
 
 def _read_config(run: Path) -> dict:
@@ -298,7 +312,8 @@ def _markdown(rows: list[RunSummary]) -> str:
             "to target (min)", "beam-5 sent/s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r.run + ("" if r.status == "finished" else " (unfinished)"), r.model, num(r.params, ","),
+        flags = (" (fine-tuned)" if r.init_from else "") + ("" if r.status == "finished" else " (unfinished)")
+        cells = [r.run + flags, r.model, num(r.params, ","),
                  f"{r.device} × {r.ranks}", r.precision, num(r.effective_batch, ","), str(r.steps),
                  str(r.epochs), f"{r.train_minutes:.1f}", f"{r.valid_minutes:.1f}", num(r.tokens_per_s, ",.0f"),
                  num(r.best_valid_bleu, ".2f"), num(r.test_bleu, ".2f") + (" *" if r.test_note else ""),
@@ -315,6 +330,9 @@ def _markdown(rows: list[RunSummary]) -> str:
     notes = [f"{r.run}: test BLEU of {r.test_note}" for r in rows if r.test_note]
     if notes:
         lines += ["", "\\* not the recipe's test split with the best checkpoint:", ""] + [f"- {n}" for n in notes]
+    origins = [f"- {r.run}: from {r.init_from}" for r in rows if r.init_from]
+    if origins:  # their training time and steps count from that checkpoint, not from scratch
+        lines += ["", "Fine-tuned (time and steps counted from the starting checkpoint):", "", *origins]
     signatures = sorted({r.test_signature for r in rows if r.test_signature})
     if signatures:
         lines.append("")

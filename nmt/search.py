@@ -36,6 +36,15 @@ where ``a_ij`` is the attention on source token i at target step j (from
 * ``exact``: a sentence is done once it has ``n_best`` finished hypotheses and no alive
   hypothesis can still rank above the worst of them (the bound is argued in
   ``_retired``). The output is then the best the beam can reach; it may take more steps.
+
+Sampling (``cfg.sampling``, for back-translation) draws each sentence's ``n_best``
+translations instead: at each step the allowed log-probs (the rules above apply) are divided
+by ``temperature``, cut to the top k tokens or to the smallest set holding probability p
+(``topk:K``, ``topp:P``), renormalized, and a token is drawn. The randomness of a draw
+comes from a counter-based hash of (``seed``, the sentence's input line, the sample, the
+step, the token) through the Gumbel-max trick, so the samples do not depend on the batch
+size, on the other sentences of a batch or on the order of the input. Samples come in draw
+order, not ranked.
 """
 
 from __future__ import annotations
@@ -323,9 +332,143 @@ def beam_search(model: Seq2Seq, src: torch.Tensor, src_lens: torch.Tensor, cfg: 
     return finished.hypotheses(cfg.n_best)
 
 
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(h: torch.Tensor, x: torch.Tensor | int) -> torch.Tensor:
+    """A 32-bit hash of ``h`` and ``x`` (int64 values in [0, 2^32)), elementwise. The
+    multipliers are below 2^31, so no product of two 32-bit values leaves int64."""
+    h = h ^ x
+    h = h ^ (h >> 16)
+    h = (h * 0x7FEB352D) & _M32
+    h = h ^ (h >> 15)
+    h = (h * 0x2C1B3C6D) & _M32
+    return h ^ (h >> 16)
+
+
+def _mix(h: torch.Tensor, x: torch.Tensor | int) -> torch.Tensor:
+    """``_mix32`` of ``h`` and a 64-bit ``x`` >= 0, a half at a time."""
+    return _mix32(_mix32(h, x & _M32), (x >> 32) & _M32)
+
+
+def sample_keys(seed: int, lines: torch.Tensor, samples: int, steps: int) -> torch.Tensor:
+    """(n * samples, steps) int64 keys: row i * samples + j, column t is the key of the draw of
+    sample j of the sentence on input line ``lines[i]`` at target token t."""
+    device = lines.device
+    key = _mix(_mix(torch.zeros((), dtype=torch.long, device=device), seed & ((1 << 64) - 1)), lines)  # (n,)
+    key = _mix(key[:, None], torch.arange(samples, device=device)).flatten()  # (n * samples,)
+    return _mix(key[:, None], torch.arange(steps, device=device))  # (N, T)
+
+
+def _gumbel(keys: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Gumbel noise (N, K) for the draws ``keys`` (N,) and the vocabulary ids ``tokens`` (N, K)."""
+    bits = _mix32(keys[:, None], tokens)
+    u = ((bits >> 8).float() + 0.5) / (1 << 24)  # 24 bits: exact in float32, never 0 or 1
+    return -(-u.log()).log()
+
+
+def _draw(log_probs: torch.Tensor, keys: torch.Tensor, rule: tuple[str, float], temperature: float) -> torch.Tensor:
+    """(N,) tokens drawn from the (N, V) allowed log-probs (-inf: not allowed), one per key (N,).
+
+    Gumbel-max over the tokens the rule keeps: each token's tempered log-prob plus noise
+    hashed from (key, token id), the largest wins. That draws from the kept tokens'
+    renormalized distribution, and a tiny change of the log-probs (another batch size
+    rounds differently) changes a draw only when two noisy scores are that close.
+    """
+    kind, value = rule
+    scaled = log_probs / temperature
+    vocab = scaled.size(-1)
+    if kind == "topk":
+        scaled, tokens = scaled.topk(min(int(value), vocab), dim=-1)  # (N, K)
+    elif value >= 1:  # every allowed token
+        tokens = torch.arange(vocab, device=scaled.device).expand_as(scaled)
+    else:
+        # The nucleus lies among the most probable few tokens but for the flattest of
+        # distributions: look among the top 64, then 1024, and sort everything only when
+        # some row needs it (a host sync per try: a full sort costs far more).
+        norm = scaled.logsumexp(-1, keepdim=True)  # (N, 1)
+        for k in (64, 1024, vocab):
+            top, tokens = scaled.topk(min(k, vocab), dim=-1)  # (N, K), most probable first
+            probs = (top - norm).exp()
+            cdf = probs.cumsum(-1)
+            if k >= vocab or bool((cdf[:, -1] >= value).all()):
+                break
+        # The smallest nucleus: a token is kept while the mass before it is below p.
+        scaled = top.masked_fill(cdf - probs >= value, float("-inf"))
+    pick = (scaled + _gumbel(keys, tokens)).argmax(-1, keepdim=True)  # (N, 1)
+    return tokens.gather(1, pick).squeeze(1)
+
+
+@torch.no_grad()
+def sample_search(model: Seq2Seq, src: torch.Tensor, src_lens: torch.Tensor, cfg: SearchConfig,
+                  keep_attention: bool = False, memory: Memory | None = None,
+                  lines: torch.Tensor | None = None) -> list[list[Hypothesis]]:
+    """``cfg.n_best`` translations drawn for each sentence, in draw order (see the module's doc).
+
+    ``lines`` (n,) are the sentences' line numbers in the input (default 0..n-1): with the
+    seed they fix the draws. Each sample decodes in its own row, and a row leaves the batch
+    when its sample ends. Host syncs as in ``greedy_search``, and for top-p below 1 one more
+    per step (whether the nucleus lies within the top 64 tokens; see ``_draw``).
+    """
+    device = src.device
+    n, k = src.size(0), cfg.n_best
+    rule = cfg.sampling_rule()
+    assert rule is not None, "sample_search needs cfg.sampling"
+    lines = torch.arange(n, device=device) if lines is None else lines.to(device)
+    limits = max_lengths(src_lens, cfg, model.max_positions).repeat_interleave(k)  # (n * k,)
+    steps = int(limits.max())
+    # Every sample its own sentence (rows then leave one by one, as in greedy search): with
+    # several samples the source is encoded once per sample, since a model's memory is its own.
+    if k > 1:
+        memory = model.encode(src.repeat_interleave(k, 0), src_lens.repeat_interleave(k))
+    elif memory is None:
+        memory = model.encode(src, src_lens)
+    state = model.init_state(memory, beam=1)
+    keys = sample_keys(cfg.seed, lines, k, steps)  # (n * k, T)
+    never = torch.tensor(NEVER_GENERATED, device=device)
+    alive = torch.arange(n * k, device=device)  # original row of each row
+    row_limits = limits
+    tokens = torch.full((n * k,), BOS, dtype=torch.long, device=device)
+    total = torch.zeros(n * k, device=device)  # (N,) cumulative log-probs (the model's, untempered)
+    out = torch.full((n * k, steps), EOS, dtype=torch.long, device=device)
+    final = torch.zeros(n * k, device=device)
+    attention = torch.zeros(n * k, steps, src.size(1), device=device) if keep_attention else None  # (n*k, T, S)
+    for t in range(steps):
+        log_probs, state = model.step(tokens, state, attention is not None)  # (N, V)
+        if attention is not None:
+            if state.attention is None:  # a model without attention
+                attention = None
+            else:
+                attention[alive, t] = state.attention
+        eos = _forbid(log_probs, t, cfg.min_len, never)
+        tokens = _draw(log_probs, keys[alive, t], rule, cfg.temperature)
+        at_limit = row_limits <= t + 1
+        tokens = tokens.masked_fill(at_limit, EOS)
+        total = total + torch.where(at_limit, eos, log_probs.gather(1, tokens[:, None]).squeeze(1))
+        out[alive, t] = tokens
+        final[alive] = total
+        keep = (tokens != EOS).nonzero().flatten()  # the step's one host sync
+        if keep.numel() < alive.numel():
+            if keep.numel() == 0:
+                break
+            alive, tokens, total, row_limits = alive[keep], tokens[keep], total[keep], row_limits[keep]
+            state = state.select(keep, keep)
+    alpha = cfg.length_penalty
+    hyps: list[list[Hypothesis]] = [[] for _ in range(n)]
+    for r, (row, log_prob) in enumerate(zip(out.tolist(), final.tolist())):
+        words = row[: row.index(EOS)]
+        attn = None if attention is None else attention[r, : len(words) + 1]
+        hyps[r // k].append(Hypothesis(words, log_prob / length_penalty(len(words) + 1, alpha), log_prob, attn))
+    return hyps
+
+
 def search(model: Seq2Seq, src: torch.Tensor, src_lens: torch.Tensor, cfg: SearchConfig,
-           keep_attention: bool = False, memory: Memory | None = None) -> list[list[Hypothesis]]:
-    """Greedy for beam 1 (unless attention or an n-best list is wanted), beam search otherwise."""
+           keep_attention: bool = False, memory: Memory | None = None,
+           lines: torch.Tensor | None = None) -> list[list[Hypothesis]]:
+    """Sampling when ``cfg.sampling`` asks for it (``lines``: see ``sample_search``); else greedy
+    for beam 1 (unless attention or an n-best list is wanted), beam search otherwise."""
+    if cfg.sampling != "none":
+        return sample_search(model, src, src_lens, cfg, keep_attention, memory, lines)
     if cfg.beam == 1 and cfg.n_best == 1 and not keep_attention:
         return greedy_search(model, src, src_lens, cfg, memory)
     return beam_search(model, src, src_lens, cfg, keep_attention, memory)

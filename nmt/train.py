@@ -8,6 +8,9 @@ states are restored, so stopping and resuming gives the same parameters as not s
 Two clocks are kept apart: ``train_seconds`` counts the training loop, ``valid_seconds``
 counts validation and checkpoint writing; time limits and reports use the first.
 
+A fine-tuned run (``init_from``) starts from another run's weights and its ``spm.model``,
+with a fresh step count, schedule and best score; it must keep the parent's model shape.
+
 The corpus is read from the arrays ``nmt prepare`` writes (prepared here first if they are
 missing or stale), memory-mapped: every rank maps the same files and a resume re-opens them.
 
@@ -35,15 +38,15 @@ import torch
 from tqdm import tqdm
 
 from nmt import checkpoint, config, distributed
-from nmt.batching import ORDER_VERSION, EpochBatches, Update
+from nmt.batching import ORDER_VERSION, EpochBatches, Update, WeightedCorpora, epoch_count
 from nmt.config import Config
 from nmt.data import read_parallel
 from nmt.errors import NmtError
 from nmt.evaluate import bleu
-from nmt.loss import label_smoothed_nll
+from nmt.loss import sequence_loss
 from nmt.models import build_model, count_parameters
-from nmt.prepare import prepare_split, run_tokenizer
-from nmt.tokenizer import MODEL_FILE, Tokenizer
+from nmt.prepare import PreparedCorpus, prepare_split, prepare_train, run_tokenizer
+from nmt.tokenizer import MODEL_FILE, Tokenizer, file_sha256
 from nmt.translate import translate_text
 
 log = logging.getLogger("nmt")
@@ -124,7 +127,11 @@ def pick_device() -> torch.device:
 # --- the run directory ------------------------------------------------------------------
 
 def prepare_run(cfg: Config, run_dir: Path, write: bool = True) -> tuple[Config, bool]:
-    """Create or reopen a run directory; returns the config to use and whether to resume."""
+    """Create or reopen a run directory; returns the config to use and whether to resume.
+
+    A new run with ``init_from`` is checked against its parent (``check_parent``); a resumed
+    run keeps the ``init_from`` it recorded when it started.
+    """
     run_dir.mkdir(parents=True, exist_ok=True)
     saved_path = run_dir / "config.yaml"
     resume = (run_dir / "last.pt").exists()
@@ -139,9 +146,144 @@ def prepare_run(cfg: Config, run_dir: Path, write: bool = True) -> tuple[Config,
             raise NmtError(f"{run_dir} was trained with {key}={old!r}, the recipe now says "
                            f"{new!r}{more}; train into a new --run directory, or set it back "
                            "to resume")
+        cfg = replace(cfg, init_from=_kept_origin(saved, cfg, run_dir))
+    elif cfg.init_from is not None:
+        cfg = check_parent(cfg, run_dir)
     if write:
         config.save(cfg, saved_path)
     return cfg, resume
+
+
+# --- fine-tuning: a run that starts from another run's weights -----------------------------------
+
+# Model keys a fine-tuned run may set anew: regularisation, not the shape of the parameters.
+FREE_MODEL_KEYS = {"dropout", "attention_dropout", "activation_dropout"}
+
+
+def fine_tune(cfg: Config, parent: Path, which: str = "best", keep_optimizer: bool = False) -> Config:
+    """``cfg`` set to start from run ``parent``'s ``which`` checkpoint (``nmt train --init-from``)."""
+    return replace(cfg, init_from=config.InitFrom(run=str(parent), checkpoint=which, keep_optimizer=keep_optimizer))
+
+
+def check_parent(cfg: Config, run_dir: Path) -> Config:
+    """Check that ``cfg`` can start from its ``init_from`` run, before anything is trained or copied.
+
+    Refused, naming the key: another model shape (any ``model`` key but the dropouts) or
+    other tokenizer settings than the parent's; a parent checkpoint that is not the one an
+    earlier start recorded. Returns ``cfg`` with the checkpoint's step and sha256 recorded
+    and ``tokenizer.reuse`` naming the parent, whose ``spm.model`` the run copies.
+    """
+    init = cfg.init_from
+    parent, where = Path(init.run), f"--init-from {init.run}"
+    if not (parent / "config.yaml").is_file():
+        raise NmtError(f"{where}: not a run directory (no config.yaml); name a directory nmt train wrote")
+    if parent.resolve() == Path(run_dir).resolve():
+        raise NmtError(f"{where}: that is the run being trained; fine-tune into a new --run directory")
+    spm = parent / MODEL_FILE
+    if not spm.is_file():
+        raise NmtError(f"{where}: has no {MODEL_FILE}; the parent run did not get past tokenizer training")
+    spm_sha256 = file_sha256(spm)
+    path = checkpoint.resolve(parent, init.checkpoint)
+    state = checkpoint.load(path, spm_sha256, mmap=True)
+    if init.keep_optimizer and "optimizer" not in state:
+        raise NmtError(f"{where}: {path.name} holds no optimizer state (only last.pt does); add "
+                       "--checkpoint last to keep the optimizer, or leave out --keep-optimizer")
+    try:
+        parent_cfg = config.from_dict(state["config"])
+    except (NmtError, KeyError) as e:
+        raise NmtError(f"{where}: {path} holds a config this nmt cannot read ({e})") from None
+    changes = _shape_and_tokenizer_changes(parent_cfg, cfg)
+    if changes:
+        key, mine, theirs = changes[0]
+        keeps = "shape" if key.startswith("model.") else "spm.model"
+        raise NmtError(f"{where}: {key} is {mine!r} here but {theirs!r} in {init.run}; a fine-tuned run keeps "
+                       f"its parent's {keeps} (leave the key out, or set it as the parent has it)")
+    if cfg.tokenizer.reuse:
+        reused = Path(cfg.tokenizer.reuse)
+        reused = reused / MODEL_FILE if reused.is_dir() else reused
+        if not (reused.is_file() and file_sha256(reused) == spm_sha256):
+            raise NmtError(f"{where}: tokenizer.reuse is {cfg.tokenizer.reuse!r} here, not the SentencePiece "
+                           f"model of {init.run}; a fine-tuned run keeps its parent's spm.model (leave "
+                           "tokenizer.reuse out)")
+    own_spm = Path(run_dir) / MODEL_FILE
+    if own_spm.is_file() and file_sha256(own_spm) != spm_sha256:
+        raise NmtError(f"{where}: {own_spm} is another SentencePiece model than {init.run}'s; fine-tune "
+                       "into a new --run directory")
+    found = checkpoint.fingerprint(path)
+    if init.sha256 is not None and init.sha256 != found["sha256"]:
+        raise NmtError(f"{where}: {path} is no longer the checkpoint {run_dir} recorded as its start (step "
+                       f"{init.step}, now step {found['step']}); pass --init-from again to start from it as "
+                       "it is now, or fine-tune into a new --run directory")
+    log.info("%s starts from %s (step %s)%s", run_dir, path, found["step"],
+             ", with its optimizer state" if init.keep_optimizer else "")
+    return replace(cfg, tokenizer=replace(cfg.tokenizer, reuse=str(parent)),
+                   init_from=replace(init, step=found["step"], sha256=found["sha256"]))
+
+
+def _shape_and_tokenizer_changes(parent: Config, cfg: Config) -> list[tuple[str, object, object]]:
+    """(key, this recipe's value, the parent's) of every setting a fine-tuned run must share."""
+    if cfg.model.kind != parent.model.kind:  # the kind explains every other model key
+        return [("model.kind", cfg.model.kind, parent.model.kind)]
+    mine, theirs = config.to_dict(cfg), config.to_dict(parent)
+    keys = [f"model.{k}" for k in mine["model"] if k not in FREE_MODEL_KEYS]
+    keys += ["tokenizer.vocab_size", "tokenizer.model_type"]
+    changes = []
+    for key in keys:
+        section, name = key.split(".")
+        if mine[section][name] != theirs[section][name]:
+            changes.append((key, mine[section][name], theirs[section][name]))
+    return changes
+
+
+def _kept_origin(saved: Config, cfg: Config, run_dir: Path) -> config.InitFrom | None:
+    """A resumed run's ``init_from``: the one it recorded when it started, whatever the command says now."""
+    asked, kept = cfg.init_from, saved.init_from
+    if asked is not None and kept is None:
+        raise NmtError(f"{run_dir} already holds a run that did not start from another (last.pt); "
+                       f"--init-from {asked.run} starts a new run: give a new --run directory")
+    if asked is not None and (asked.run, asked.checkpoint) != (kept.run, kept.checkpoint):
+        log.warning("%s resumes; it started from %s (%s), and --init-from %s is not applied",
+                    run_dir, kept.run, kept.checkpoint, asked.run)
+    return kept
+
+
+class TensorBoard:
+    """The logged scalars as TensorBoard events, against two x axes.
+
+    ``RUN/tb`` holds them against the update step, ``RUN/tb/train_seconds`` against seconds of
+    training (the training clock: validation excluded), under the same tags (``train/loss``,
+    ``valid/bleu``, ...), so TensorBoard shows them as two runs. On a resume each writer
+    tells TensorBoard to drop what an earlier start wrote past the checkpoint, as the log does.
+    """
+
+    def __init__(self, directory: Path):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise NmtError('train.tensorboard needs the tensorboard package: pip install -e ".[tensorboard]"') \
+                from None
+        self._writer = SummaryWriter
+        self.directory = directory
+        self.by_step = self.by_time = None
+
+    def open(self, step: int, train_seconds: float) -> None:
+        self.by_step = self._writer(str(self.directory), purge_step=step + 1)
+        self.by_time = self._writer(str(self.directory / "train_seconds"), purge_step=round(train_seconds) + 1)
+
+    def write(self, scalars: dict[str, float], step: int, train_seconds: float) -> None:
+        for tag, value in scalars.items():
+            self.by_step.add_scalar(tag, value, step)
+            self.by_time.add_scalar(tag, value, round(train_seconds))
+
+    def flush(self) -> None:
+        self.by_step.flush()
+        self.by_time.flush()
+
+    def close(self) -> None:
+        if self.by_step is not None:
+            self.by_step.close()
+            self.by_time.close()
+            self.by_step = self.by_time = None
 
 
 class JsonLog:
@@ -191,8 +333,10 @@ class Trainer:
     """Trains one model; under torchrun, one Trainer per rank (``ctx``), rank 0 the only writer.
 
     ``__init__`` runs the setup phases in order, each a method of its own: precision and
-    threads, data (tokenizer, prepared corpora, batches), model, optimizer. ``train()``
-    then consumes ``updates``, the iterator of micro-batch groups the data side hands it.
+    threads, logging, data (tokenizer, prepared corpora, batches), model, optimizer. Then
+    ``resume()`` (a run with ``last.pt``) or ``start_from()`` (a fine-tuned run's first start)
+    sets the weights where they do not start at random. ``train()`` then consumes ``updates``,
+    the iterator of micro-batch groups the data side hands it.
     """
 
     def __init__(self, cfg: Config, run_dir: Path, progress_bar: bool = True,
@@ -216,6 +360,7 @@ class Trainer:
 
         self._setup_precision()
         self._setup_threads()
+        self._setup_logging()
         self._setup_data()
         self._setup_model()
         self._setup_optimizer()
@@ -236,26 +381,33 @@ class Trainer:
         elif self.ctx.distributed and self.device.type == "cpu":  # share the cores among local ranks
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.ctx.local_world_size))
 
+    def _setup_logging(self) -> None:
+        """TensorBoard scalars if ``train.tensorboard``: the package checked on every rank, written by rank 0."""
+        board = TensorBoard(self.run_dir / "tb") if self.cfg.train.tensorboard else None
+        self.board = board if self.main else None
+
     def _setup_data(self) -> None:
-        """The tokenizer, the train and valid splits mapped from their prepared arrays, the batches.
+        """The tokenizer, the training corpora and the valid split mapped from their prepared arrays, the batches.
 
         Rank 0 trains (or copies) the run's tokenizer and prepares both splits, or finds them
         prepared (``nmt prepare``, an earlier start); the other ranks wait in the patient
         group, since preparing a big corpus can outlast ``train.dist_timeout_minutes``. Then
         every rank maps the same files: N ranks cost the page cache once. A resumed run finds
-        them up to date and encodes nothing.
+        them up to date and encodes nothing. Listed training corpora are prepared one by one
+        and drawn from each epoch by their weights (``nmt.batching.WeightedCorpora``).
         """
         cfg, tc = self.cfg, self.cfg.train
         if self.main:
             self.tokenizer = run_tokenizer(cfg, self.run_dir, self.progress_bar)
-            self.train_data = prepare_split(cfg, self.tokenizer, "train", progress=self.progress_bar)
+            parts = prepare_train(cfg, self.tokenizer, progress=self.progress_bar)
             self.valid_data = prepare_split(cfg, self.tokenizer, "valid", progress=self.progress_bar)
         distributed.barrier(self.ctx, self.patient)
         if not self.main:
             self.tokenizer = Tokenizer(self.run_dir / MODEL_FILE)
-            self.train_data = prepare_split(cfg, self.tokenizer, "train")
+            parts = prepare_train(cfg, self.tokenizer)
             self.valid_data = prepare_split(cfg, self.tokenizer, "valid")
         self.tokenizer_sha256 = self.tokenizer.sha256()
+        self.train_data = self._join_corpora(parts)
 
         self.batches = EpochBatches(self.train_data, tc.max_tokens, tc.seed, self.rank, self.world_size)
         if not self.batches.epoch(1):
@@ -269,6 +421,29 @@ class Trainer:
         src, ref = read_parallel(*config.split_paths(cfg.data, "valid"))
         keep = tc.valid_max_sentences or len(src)
         self.valid_src, self.valid_ref = src[:keep], ref[:keep]
+
+    def _join_corpora(self, parts: list[PreparedCorpus]) -> PreparedCorpus | WeightedCorpora:
+        """The training data: the one corpus of a plain ``data.train``, else the listed corpora with their weights.
+
+        Sets ``corpora_record`` (what the start record and the log say of each corpus: its pairs,
+        those the filters dropped, and those it gives each epoch).
+        """
+        corpora = config.train_corpora(self.cfg.data)
+        data = WeightedCorpora(parts, [c.weight for c in corpora]) if corpora[0].listed else parts[0]
+        self.corpora_record = []
+        for corpus, part in zip(corpora, parts):
+            h = part.header
+            per_epoch = epoch_count(corpus.weight, len(part))
+            self.corpora_record.append({
+                "corpus": corpus.name, "files": [str(corpus.src), str(corpus.tgt)], "weight": corpus.weight,
+                "lines": h["lines"], "pairs": h["pairs"],
+                "dropped_empty": h["dropped_empty"], "dropped_too_long": h["dropped_too_long"],
+                "pairs_per_epoch": per_epoch})
+            log.info("%s %s: %s pairs per epoch at weight %g (%s kept of %s lines: %s empty, %s longer than %s "
+                     "tokens dropped)", corpus.name, corpus.prefix, f"{per_epoch:,}", corpus.weight,
+                     f"{h['pairs']:,}", f"{h['lines']:,}", f"{h['dropped_empty']:,}", f"{h['dropped_too_long']:,}",
+                     h["max_len"])
+        return data
 
     def _setup_model(self) -> None:
         tc = self.cfg.train
@@ -311,6 +486,19 @@ class Trainer:
         self.updates = self._updates_from_position()
         self.log.truncate_after(self.state.step)
         log.info("resuming %s at step %d (epoch %d)", self.run_dir, self.state.step, self.state.epoch)
+
+    def start_from(self, init: config.InitFrom) -> None:
+        """Begin with another run's weights (fine-tuning), checked by ``check_parent`` first.
+
+        The step count, schedule, best score and patience start fresh; with
+        ``init.keep_optimizer`` the parent's Adam moments are loaded too (the new run's learning
+        rate and schedule apply to them).
+        """
+        path = checkpoint.resolve(Path(init.run), init.checkpoint)
+        state = checkpoint.load(path, self.tokenizer_sha256)
+        checkpoint.load_weights(state, path, self.model)
+        if init.keep_optimizer:
+            checkpoint.load_moments(state, path, self.optimizer)
 
     def _updates_from_position(self) -> Iterator[Update]:
         st = self.state
@@ -384,19 +572,21 @@ class Trainer:
     def _forward_backward(self, idx: np.ndarray, scale: float) -> tuple[torch.Tensor, torch.Tensor] | str:
         """Forward and backward of one piece: its (loss, nll), or the phase that ran out of memory."""
         batch = self.batches.collate(idx).to(self.device)
-        phase = "forward"
-        try:
-            with self.autocast:
-                logits = self.model(batch.src, batch.src_lens, batch.tgt_in)  # (B, T, V)
-            loss, nll = label_smoothed_nll(logits, batch.tgt_out, self.cfg.train.label_smoothing)
-            del logits  # backward needs the log-probabilities the loss kept, not the logits
-            phase = "backward"
+        phases = iter(("forward", "backward"))
+        phase = next(phases)
+
+        def backward(loss: torch.Tensor) -> None:  # the output layer's slices, then the rest
+            nonlocal phase
+            phase = next(phases, phase)
             self.scaler.scale(loss * scale).backward()
+
+        try:
+            return sequence_loss(self.model, batch.src, batch.src_lens, batch.tgt_in, batch.tgt_out,
+                                 self.cfg.train.label_smoothing, backward, self.autocast)
         except RuntimeError as e:
             if not is_out_of_memory(e):
                 raise
             return phase  # leaving the handler drops the exception, and with it the failed graph
-        return loss.detach(), nll
 
     def _halves(self, idx: np.ndarray) -> list[np.ndarray]:
         """The two halves of a piece that ran out of memory (a batch holds pairs of similar lengths)."""
@@ -426,11 +616,10 @@ class Trainer:
         loss_sum, nll_sum, ntokens = 0.0, 0.0, 0
         for idx in self.valid_batches.epoch(0):
             batch = self.valid_batches.collate(idx).to(self.device)
-            with self.autocast:
-                logits = self.model(batch.src, batch.src_lens, batch.tgt_in)  # (B, T, V)
-            loss, nll = label_smoothed_nll(logits, batch.tgt_out, self.cfg.train.label_smoothing)
+            loss, nll = sequence_loss(self.model, batch.src, batch.src_lens, batch.tgt_in, batch.tgt_out,
+                                      self.cfg.train.label_smoothing, autocast=self.autocast)
             loss_sum, nll_sum, ntokens = loss_sum + float(loss), nll_sum + float(nll), ntokens + batch.ntokens
-        search = replace(self.cfg.search, beam=self.cfg.train.valid_beam, n_best=1)
+        search = replace(self.cfg.search, beam=self.cfg.train.valid_beam, n_best=1, sampling="none")
         hyps = translate_text(self.model, self.tokenizer, self.valid_src[self.rank :: self.world_size], search)
         shares = distributed.gather_to_main(self.ctx, (loss_sum, nll_sum, ntokens, hyps), self.patient)
         if shares is None:
@@ -455,6 +644,10 @@ class Trainer:
             return
         self.log.write(event="valid", step=st.step, epoch=st.epoch, **result, best_bleu=st.best_bleu,
                        train_seconds=round(st.train_seconds, 3), valid_seconds=round(st.valid_seconds, 3))
+        if self.board is not None:
+            self.board.write({"valid/bleu": result["valid_bleu"], "valid/loss": result["valid_loss"],
+                              "valid/ppl": result["valid_ppl"]}, st.step, st.train_seconds)
+            self.board.flush()
         log.info("step %d: valid loss %.3f, ppl %.2f, BLEU %.2f%s", st.step, result["valid_loss"],
                  result["valid_ppl"], result["valid_bleu"], " (best)" if improved else "")
 
@@ -493,7 +686,7 @@ class Trainer:
                            world_size=self.world_size, threads=torch.get_num_threads(),
                            precision=tc.precision, max_tokens=tc.max_tokens, update_freq=tc.update_freq,
                            effective_batch_tokens=self.world_size * tc.max_tokens * tc.update_freq,
-                           train_pairs=len(self.train_data), step=0)
+                           train_pairs=len(self.train_data), corpora=self.corpora_record, step=0)
         log.info("model %s: %s parameters; %s training pairs; %d threads on %s", self.cfg.model.kind,
                  f"{count_parameters(self.model):,}", f"{len(self.train_data):,}", torch.get_num_threads(),
                  self.device)
@@ -505,13 +698,21 @@ class Trainer:
         data side's iterator from the current position. Each update made moves the position
         to the one it names, so a checkpoint resumes right after it.
         """
-        tc, st = self.cfg.train, self.state
         reason = self._limits_reached()
         if reason:
             log.info("%s: already finished (%s); raise the limit to train further", self.run_dir, reason)
             self.log.restore_end()
-            return st
-        updates = iter(updates) if updates is not None else self.updates
+            return self.state
+        if self.board is not None:
+            self.board.open(self.state.step, self.state.train_seconds)
+        try:
+            return self._train(iter(updates) if updates is not None else self.updates)
+        finally:
+            if self.board is not None:
+                self.board.close()
+
+    def _train(self, updates: Iterator[Update]) -> Progress:
+        tc, st = self.cfg.train, self.state
         self._log_start()
         handlers = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)} \
             if _main_thread() else {}
@@ -601,6 +802,9 @@ class Trainer:
             "oom_splits": int(splits),
         }
         self.log.write(event="train", **record)
+        if self.board is not None:
+            self.board.write({f"train/{k}": record[k] for k in ("loss", "nll", "lr", "tokens_per_s")},
+                             st.step, st.train_seconds)
         if bar is not None:
             postfix = {"loss": f"{record['loss']:.3f}", "lr": f"{record['lr']:.2e}",
                        "tok/s": f"{record['tokens_per_s']:.0f}", "epoch": st.epoch}
@@ -640,6 +844,8 @@ def train(cfg: Config, run_dir: Path, progress_bar: bool = True) -> Progress:
         trainer = Trainer(cfg, run_dir, progress_bar=progress_bar, ctx=ctx)
         if resume:
             trainer.resume()
+        elif cfg.init_from is not None:
+            trainer.start_from(cfg.init_from)
         return trainer.train()
     finally:
         distributed.teardown()

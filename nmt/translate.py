@@ -23,7 +23,7 @@ import select
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import BinaryIO, Protocol
 
 import torch
@@ -42,6 +42,8 @@ class Translation:
     line: int  # 0-based input line
     texts: list[str]  # n-best, best first
     hypotheses: list[Hypothesis]
+    # Per hypothesis, with keep_attention: word alignment "i-j ..." (see word_alignment).
+    alignments: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -76,13 +78,55 @@ def _source_ids(tokenizer: Tokenizer, lines: list[str], limit: int, source_name:
     return ids
 
 
+WORD_START = "\u2581"  # SentencePiece's mark of a piece that follows a space
+
+
+def _word_of_piece(pieces: list[str]) -> list[int | None]:
+    """The word (0-based, as the text splits on spaces) each piece belongs to; None for a bare
+    space piece followed by another word start (it makes no word of its own)."""
+    words: list[int | None] = []
+    word = -1
+    for i, piece in enumerate(pieces):
+        if piece.startswith(WORD_START):
+            if piece == WORD_START and (i + 1 == len(pieces) or pieces[i + 1].startswith(WORD_START)):
+                words.append(None)
+                continue
+            word += 1
+        words.append(max(word, 0))  # a first piece without the mark still begins word 0
+    return words
+
+
+def word_alignment(src_pieces: list[str], tgt_pieces: list[str], attention: torch.Tensor) -> list[tuple[int, int]]:
+    """Word alignment from a hypothesis' attention (len(tgt_pieces) + 1, S): each target piece
+    is aligned to the source piece it attends to most (EOS on either side left out), and
+    the pairs are merged to words. Unique (source word, target word) pairs, sorted by target
+    word, then source word."""
+    if not src_pieces or not tgt_pieces:
+        return []
+    src_words, tgt_words = _word_of_piece(src_pieces), _word_of_piece(tgt_pieces)
+    best = attention[: len(tgt_pieces), : len(src_pieces)].argmax(-1).tolist()  # (T,)
+    pairs = {(src_words[s], tgt_words[j]) for j, s in enumerate(best)}
+    return sorted(((i, j) for i, j in pairs if i is not None and j is not None), key=lambda p: (p[1], p[0]))
+
+
+def _alignment_text(tokenizer: Tokenizer, src_ids: list[int], hyp: Hypothesis) -> str:
+    """``word_alignment`` as Pharaoh text: 'i-j' pairs separated by spaces."""
+    if hyp.attention is None:
+        return ""
+    pieces = tokenizer.sp.IdToPiece
+    pairs = word_alignment([pieces(i) for i in src_ids], [pieces(i) for i in hyp.tokens], hyp.attention)
+    return " ".join(f"{i}-{j}" for i, j in pairs)
+
+
 def translate(model: Seq2Seq, tokenizer: Tokenizer, lines: list[str], cfg: SearchConfig,
               on_batch: Callable[[int], None] | None = None, keep_attention: bool = False,
               source_name: str = "<stdin>", first_line: int = 0) -> list[Translation]:
     """Translate ``lines``; ``on_batch(n)`` is told after each batch of n sentences.
 
     ``first_line``: how many lines of the input came before these (when it is read in
-    chunks); ``Translation.line`` and warnings count from there.
+    chunks); ``Translation.line`` and warnings count from there, and sampling draws by it.
+    ``keep_attention``: the hypotheses keep their attention, and ``Translation.alignments``
+    holds each one's word alignment.
     """
     (decoding,) = translate_each(model, tokenizer, lines, [cfg], on_batch, keep_attention, source_name,
                                  first_line)
@@ -122,12 +166,15 @@ def translate_each(model: Seq2Seq, tokenizer: Tokenizer, lines: list[str], cfgs:
                 memory = model.encode(src, src_lens)
             for c, (out, cfg) in enumerate(zip(results, cfgs)):
                 start = time.perf_counter()
-                hyps = search(model, src, src_lens, cfg, keep_attention, memory)
+                hyps = search(model, src, src_lens, cfg, keep_attention, memory,
+                              torch.tensor([first_line + i for i in batch]))
                 seconds[c] += time.perf_counter() - start
                 for i, nbest in zip(batch, hyps):
                     texts = tokenizer.decode([h.tokens for h in nbest])
                     texts += [""] * (cfg.n_best - len(texts))
-                    out[i] = Translation(i, [t.replace("\n", " ") for t in texts], nbest)
+                    out[i] = Translation(i, [t.replace("\n", " ") for t in texts], nbest,
+                                         [_alignment_text(tokenizer, ids[i], h) for h in nbest]
+                                         if keep_attention else [])
             if on_batch:
                 on_batch(len(batch))
     finally:

@@ -18,6 +18,7 @@ import yaml
 from conftest import tiny_recipe
 from faults import fail_above
 
+import nmt.loss as nmt_loss
 import nmt.train as training
 from nmt import checkpoint, config, distributed
 from nmt.errors import NmtError
@@ -219,8 +220,8 @@ def test_bf16_trains_and_saves_fp32(tmp_path: Path, corpus: Path, trained_run: P
         path.write_text(yaml.safe_dump(raw))
     cfg = config.load_recipe(path)
     dtypes = set()
-    loss = training.label_smoothed_nll
-    monkeypatch.setattr(training, "label_smoothed_nll",
+    loss = nmt_loss.label_smoothed_nll
+    monkeypatch.setattr(nmt_loss, "label_smoothed_nll",
                         lambda logits, *args: dtypes.add(logits.dtype) or loss(logits, *args))
     train(cfg, tmp_path / "run", progress_bar=False)
     assert dtypes == {torch.bfloat16}  # the model really ran in bf16

@@ -1,4 +1,5 @@
-"""The training loss: the definition PyTorch gives label smoothing, padding ignored, one log-softmax."""
+"""The training loss: the definition PyTorch gives label smoothing, padding ignored, one log-softmax,
+and the whole batch's logits never formed at once."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from nmt.loss import label_smoothed_nll
+from nmt import loss as loss_module
+from nmt.loss import label_smoothed_nll, sequence_loss
+from nmt.models import build_model
 from nmt.tokenizer import PAD
 
 
@@ -50,7 +53,7 @@ def test_bf16_logits_give_the_fp32_loss_closely() -> None:
 
 
 class LargeTensors(TorchDispatchMode):
-    """Records every newly allocated tensor of at least ``numel`` elements: (op, dtype)."""
+    """Records every newly allocated tensor of at least ``numel`` elements: (op, dtype, shape)."""
 
     def __init__(self, numel: int):
         super().__init__()
@@ -64,7 +67,7 @@ class LargeTensors(TorchDispatchMode):
         for t in torch.utils._pytree.tree_leaves(out):
             if isinstance(t, torch.Tensor) and t.numel() >= self.numel \
                     and t.untyped_storage().data_ptr() not in inputs:  # views allocate nothing
-                self.seen.append((str(func), t.dtype))
+                self.seen.append((str(func), t.dtype, tuple(t.shape)))
         return out
 
 
@@ -77,4 +80,34 @@ def test_one_log_softmax_in_the_logits_dtype_and_no_fp32_copy() -> None:
     assert len(mode.seen) == 1 and mode.seen[0][1] == torch.bfloat16, mode.seen
     with LargeTensors(target.numel() * logits.size(-1)) as mode:
         loss.backward()
-    assert all(dtype == torch.bfloat16 for _, dtype in mode.seen), mode.seen
+    assert all(dtype == torch.bfloat16 for _, dtype, _ in mode.seen), mode.seen
+
+
+@pytest.mark.parametrize("kind", ["transformer", "gnmt"])
+def test_loss_over_slices_equals_the_whole_batch_loss_and_never_forms_its_logits(kind, monkeypatch) -> None:
+    """Training's loss (output layer applied a few target tokens at a time, one backward pass
+    through the rest) gives the loss and every parameter's gradient of the plain whole-batch
+    loss, and no tensor as large as (target tokens x vocabulary) is ever allocated."""
+    from tests.test_models import SMALL, VOCAB, batch
+
+    torch.manual_seed(0)
+    model = build_model(SMALL[kind], VOCAB).train()
+    torch.manual_seed(1)  # the same dropout masks for both passes
+    src, src_lens = batch([7, 5, 2])
+    tgt, _ = batch([6, 8, 3], seed=2)
+    tgt_in, tgt_out = tgt[:, :-1], tgt[:, 1:]
+    state = torch.random.get_rng_state()
+    expected, expected_nll = label_smoothed_nll(model(src, src_lens, tgt_in), tgt_out, 0.1)
+    expected.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+
+    monkeypatch.setattr(loss_module, "SLICE_ELEMENTS", 3 * VOCAB)  # 3 target tokens per slice
+    torch.random.set_rng_state(state)
+    with LargeTensors(4 * VOCAB) as mode:
+        loss, nll = sequence_loss(model, src, src_lens, tgt_in, tgt_out, 0.1, lambda part: part.backward())
+    assert [shape for _, _, shape in mode.seen if shape[-1] == VOCAB] == []  # no logits of over 3 tokens
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert nll.item() == pytest.approx(expected_nll.item(), rel=1e-5)
+    for name, p in model.named_parameters():
+        assert torch.allclose(p.grad, grads[name], atol=1e-6), name

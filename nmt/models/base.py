@@ -1,10 +1,15 @@
 """The Seq2Seq contract: all that training and search know about a model.
 
-    forward(src, src_lens, tgt_in) -> (B, T, V) logits            teacher forcing
+    features(src, src_lens, tgt_in) -> (B, T, D)                   teacher forcing, up to the output layer
+    logits(features) -> (..., V)                                    the output layer
+    forward(src, src_lens, tgt_in) = logits(features(...))          (B, T, V) logits
     encode(src, src_lens) -> Memory                                 encoder output + padding mask
     init_state(memory, beam=1) -> DecoderState                      empty decoder state, beam rows per sentence
     step(tokens, state, need_attention=False)
         -> ((N, V) log-probs, DecoderState)                         one more target token per row
+
+Training asks for ``features`` and applies ``logits`` to a slice of target positions at a
+time (nmt/loss.py), so the (tokens x vocabulary) logits of a whole batch never exist at once.
 
 Sentences and rows. A decoder state decodes ``n`` sentences in ``N = n * beam`` rows, and
 row ``r`` belongs to sentence ``r // beam``, always (``beam`` is fixed by ``init_state``;
@@ -57,11 +62,18 @@ class DecoderState(Protocol):
 
 
 class Seq2Seq(nn.Module):
-    """Base class of the models; subclasses implement the four methods below."""
+    """Base class of the models; subclasses implement the methods below but ``forward``."""
 
     kind: str = ""
+    vocab_size: int  # rows of the output layer
 
     def forward(self, src: torch.Tensor, src_lens: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+        return self.logits(self.features(src, src_lens, tgt_in))
+
+    def features(self, src: torch.Tensor, src_lens: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def encode(self, src: torch.Tensor, src_lens: torch.Tensor) -> Memory:

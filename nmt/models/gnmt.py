@@ -125,6 +125,7 @@ class GNMT(Seq2Seq):
         super().__init__()
         self.cfg = cfg
         h, e = cfg.hidden, cfg.embed_dim
+        self.vocab_size = vocab_size
         self.embed = nn.Embedding(vocab_size, e, padding_idx=PAD)  # source, target and output
         self.encoder = Encoder(cfg)
         self.decoder_first = nn.LSTM(e, h, batch_first=True)
@@ -155,7 +156,7 @@ class GNMT(Seq2Seq):
         return Memory(self.encoder(x, src_lens), src != PAD)
 
     def _decode(self, tgt: torch.Tensor, hidden, keys, memory, mask, beam: int = 1):
-        """Run the decoder over ``tgt`` (B, T); returns logits (B, T, V), new hidden, attention
+        """Run the decoder over ``tgt`` (B, T); returns features (B, T, E), new hidden, attention
         (B, T, S). With ``beam`` k, T is 1 and keys, memory and mask have one row per k rows
         of ``tgt`` (a sentence's beams)."""
         x, first = run_lstm(self.decoder_first, self.drop(self.embed(tgt)), hidden[0])  # (B, T, H)
@@ -169,18 +170,18 @@ class GNMT(Seq2Seq):
             x = x + y if i >= 1 else y  # residual from the third layer on
             new_hidden.append(state)
         out = self.drop(self.classifier(self.drop(torch.cat([x, context], -1))))  # (B, T, E)
-        return self._logits(out), new_hidden, weights
+        return out, new_hidden, weights
 
-    def _logits(self, out: torch.Tensor) -> torch.Tensor:
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
         if self.output_projection is not None:
-            return self.output_projection(out)
-        return F.linear(out, self.embed.weight)  # (B, T, V)
+            return self.output_projection(features)
+        return F.linear(features, self.embed.weight)  # (..., V)
 
     def _zero_hidden(self, n: int, like: torch.Tensor):
         zeros = like.new_zeros(1, n, self.cfg.hidden)
         return [(zeros, zeros)] * self.cfg.decoder_layers
 
-    def forward(self, src: torch.Tensor, src_lens: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+    def features(self, src: torch.Tensor, src_lens: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
         memory = self.encode(src, src_lens)
         keys = self.attention.keys(memory.states)
         hidden = self._zero_hidden(src.size(0), memory.states)
@@ -192,9 +193,9 @@ class GNMT(Seq2Seq):
 
     def step(self, tokens: torch.Tensor, state: GNMTState,
              need_attention: bool = False) -> tuple[torch.Tensor, GNMTState]:
-        logits, hidden, weights = self._decode(tokens[:, None], state.hidden, state.keys, state.memory,
-                                               state.mask, state.beam)
-        logits = logits[:, 0]  # (N, V), a fresh tensor: normalized in place
+        out, hidden, weights = self._decode(tokens[:, None], state.hidden, state.keys, state.memory,
+                                            state.mask, state.beam)
+        logits = self.logits(out[:, 0])  # (N, V), a fresh tensor: normalized in place
         log_probs = torch.log_softmax(logits, -1, out=logits)
         # The additive attention forms its weights anyway; they are handed on only when asked.
         attention = weights[:, 0] if need_attention else None

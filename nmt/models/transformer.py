@@ -246,6 +246,7 @@ class Transformer(Seq2Seq):
         super().__init__()
         self.cfg = cfg
         d = cfg.d_model
+        self.vocab_size = vocab_size
         self.embed = nn.Embedding(vocab_size, d, padding_idx=PAD)  # source, target and output
         self.register_buffer("positions", sinusoids(cfg.max_positions + 2, d), persistent=False)
         self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.encoder_layers))
@@ -283,19 +284,18 @@ class Transformer(Seq2Seq):
             x = layer(x, attn_mask)
         return Memory(self.encoder_norm(x), mask)
 
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.decoder_norm(x)  # (B, T, D)
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
         if self.output_projection is not None:
-            return self.output_projection(h)
-        return F.linear(h, self.embed.weight)  # (B, T, V)
+            return self.output_projection(features)
+        return F.linear(features, self.embed.weight)  # (..., V)
 
-    def forward(self, src: torch.Tensor, src_lens: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+    def features(self, src: torch.Tensor, src_lens: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
         memory = self.encode(src, src_lens)
         mask = memory.mask[:, None, None, :]
         x = self._embed(tgt_in)
         for layer in self.decoder:
             x = layer(x, layer.cross_attn.keys_values(memory.states), mask)
-        return self._logits(x)
+        return self.decoder_norm(x)  # (B, T, D)
 
     def init_state(self, memory: Memory, beam: int = 1) -> TransformerState:
         n = memory.states.size(0)
@@ -322,7 +322,7 @@ class Transformer(Seq2Seq):
             x, weights = layer.step(x, cache.data[i], position, state.cross_kv[i], state.mask,
                                     need_attention and i == last)
         cache.length = position + 1
-        logits = self._logits(x[:, 0])  # (N, V), a fresh tensor: normalized in place
+        logits = self.logits(self.decoder_norm(x[:, 0]))  # (N, V), a fresh tensor: normalized in place
         log_probs = torch.log_softmax(logits, -1, out=logits)
         attention = None if weights is None else weights.reshape(-1, weights.size(-1))  # (N, S)
         return log_probs, TransformerState(cache, state.cross_kv, state.mask, state.beam, position + 1,
