@@ -132,3 +132,22 @@ def test_key_of_the_other_model_is_refused() -> None:
         config.from_dict({"model": {"kind": "gnmt", "heads": 4}})
     with pytest.raises(NmtError, match="model.hidden belongs to model.kind gnmt"):
         config.from_dict({"model": {"kind": "transformer", "hidden": 4}})
+
+
+def test_dropout_keeps_a_one_byte_mask_and_scales_what_it_keeps(model) -> None:
+    from torch import nn
+
+    from nmt.models.base import Dropout
+
+    drops = [m for m in model.modules() if isinstance(m, nn.Dropout)]
+    assert drops and all(isinstance(m, Dropout) for m in drops)  # every dropout of the model
+    drop = Dropout(0.25).train()
+    x = (torch.rand(64, 32) + 1).requires_grad_()
+    y = drop(x)
+    assert y.grad_fn._saved_result1.dtype == torch.bool  # 1 byte per element kept for backward
+    kept = y != 0
+    assert 0.6 < kept.float().mean() < 0.9
+    assert torch.allclose(y[kept], x[kept] / 0.75)
+    y.sum().backward()
+    assert torch.equal(x.grad != 0, kept)
+    assert drop.eval()(x) is x

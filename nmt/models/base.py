@@ -92,5 +92,19 @@ class Seq2Seq(nn.Module):
         raise NotImplementedError
 
 
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` that keeps a one-byte mask for the backward pass on every device.
+
+    On the CPU, ``nn.Dropout`` draws its mask in the input's dtype and keeps it (4 bytes per
+    element in fp32); ``torch.native_dropout``, which CUDA runs anyway, keeps booleans. With
+    17 dropouts on 256-wide activations that is 51 MB less per 4,096-token batch.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        return torch.native_dropout(x, self.p, True)[0]
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

@@ -31,7 +31,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from nmt.config import GNMTConfig
-from nmt.models.base import Memory, Seq2Seq
+from nmt.models.base import Dropout, Memory, Seq2Seq
 from nmt.tokenizer import PAD
 
 
@@ -85,7 +85,7 @@ class Encoder(nn.Module):
         self.bidir = nn.LSTM(cfg.embed_dim, h, batch_first=True, bidirectional=True)
         self.layers = nn.ModuleList(
             nn.LSTM(2 * h if i == 0 else h, h, batch_first=True) for i in range(cfg.encoder_layers - 1))
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
         packed = pack_padded_sequence(lstm_input(x), lens.cpu(), batch_first=True, enforce_sorted=False)
@@ -133,7 +133,7 @@ class GNMT(Seq2Seq):
         self.decoder_layers = nn.ModuleList(nn.LSTM(2 * h, h, batch_first=True)
                                             for _ in range(cfg.decoder_layers - 1))
         self.classifier = nn.Linear(2 * h, e)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         # None: logits through the tied embedding; nmt.quantize sets an int8 copy of it here.
         self.output_projection: nn.Module | None = None
         self.reset_parameters()

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nmt.config import TransformerConfig
-from nmt.models.base import Memory, Seq2Seq
+from nmt.models.base import Dropout, Memory, Seq2Seq
 from nmt.tokenizer import PAD
 
 
@@ -101,7 +101,7 @@ class CrossAttention(nn.Module):
 
 class FeedForward(nn.Sequential):
     def __init__(self, d: int, ffn: int, dropout: float):
-        super().__init__(nn.Linear(d, ffn), nn.ReLU(), nn.Dropout(dropout), nn.Linear(ffn, d))
+        super().__init__(nn.Linear(d, ffn), nn.ReLU(), Dropout(dropout), nn.Linear(ffn, d))
 
 
 class EncoderLayer(nn.Module):
@@ -111,7 +111,7 @@ class EncoderLayer(nn.Module):
         self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
         self.attn = SelfAttention(d, cfg.heads, cfg.attention_dropout)
         self.ffn = FeedForward(d, cfg.ffn, cfg.activation_dropout)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         x = x + self.drop(self.attn(self.norm1(x), mask=mask))
@@ -126,7 +126,7 @@ class DecoderLayer(nn.Module):
         self.self_attn = SelfAttention(d, cfg.heads, cfg.attention_dropout)
         self.cross_attn = CrossAttention(d, cfg.heads, cfg.attention_dropout)
         self.ffn = FeedForward(d, cfg.ffn, cfg.activation_dropout)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
 
     def forward(self, x, memory_kv, memory_mask):
         x = x + self.drop(self.self_attn(self.norm1(x), causal=True))
@@ -252,7 +252,7 @@ class Transformer(Seq2Seq):
         self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.encoder_layers))
         self.decoder = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.decoder_layers))
         self.encoder_norm, self.decoder_norm = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         # None: logits through the tied embedding; nmt.quantize sets an int8 copy of it here.
         self.output_projection: nn.Module | None = None
         self._spare_caches = SpareBuffers()  # decoding buffers for reuse (KVCache)
