@@ -445,18 +445,26 @@ def report(
     speed: Annotated[bool, typer.Option(help="Add tokens/s over time to the plot.")] = False,
     at: Annotated[Optional[str], typer.Option(
         help="Training minutes, comma-separated (e.g. 10,20,40,80): best valid BLEU by each.")] = None,
-    allow_mixed: Annotated[bool, typer.Option(help="Report runs with different tokenizers or test sets.")] = False,
+    allow_mixed: Annotated[bool, typer.Option(
+        help="Report runs with different tokenizers, test sets or CPUs.")] = False,
+    baseline: Annotated[Optional[str], typer.Option(
+        help="The run (name or path) the paired bootstrap p-values compare with; default: the first.")] = None,
+    group_seeds: Annotated[bool, typer.Option(
+        help="Summarize runs of one recipe that differ only in train.seed: mean ± sd; the plot draws the "
+             "mean in a min–max band; p-values compare the groups' first seeds.")] = False,
 ):
-    """One row per run: cost (training time, tokens/s) and quality (valid/test BLEU, chrF)."""
+    """One row per run: cost (training time, tokens/s) and quality (valid/test BLEU, chrF).
+
+    Test scores come with sacreBLEU's 95% confidence interval and paired bootstrap p-value
+    (1000 resamples, seed SACREBLEU_SEED) against the baseline, from the hypotheses nmt eval kept.
+    """
     from nmt import report as reports
 
     marks = reports.parse_minutes(at) if at is not None else []
-    rows = [reports.summarize(run, target, marks) for run in runs]
-    if not allow_mixed:
-        reports.check_comparable(rows)
-    typer.echo(reports.render(rows, fmt), nl=False)
+    found = reports.compare(runs, target, marks, baseline, group_seeds, allow_mixed)
+    typer.echo(reports.render(found.rows, fmt, found.groups, found.significance), nl=False)
     if plot is not None:
-        reports.plot(runs, plot, target, speed)
+        reports.plot(runs, plot, target, speed, found.groups)
         typer.echo(f"plot: {plot}", err=True)
 
 

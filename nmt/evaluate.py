@@ -65,6 +65,44 @@ def chrf(hyps: list[str], refs: list[str], hyp_name: str = "hypotheses",
     return Score("chrF2", result.score, str(metric.get_signature()), "")
 
 
+# --- confidence intervals and paired significance ----------------------------------------------
+
+BOOTSTRAP_SAMPLES = 1000
+
+
+@dataclass
+class Interval:
+    """One system's score on one metric, as sacreBLEU's paired bootstrap test gives it."""
+    score: float
+    mean: float  # the mean over bootstrap resamples
+    ci: float  # half-width of the 95% interval around ``mean``: sacreBLEU prints ``mean ± ci``
+    p_value: float | None  # against the baseline (the first system); None for the baseline itself
+
+
+def paired_bootstrap(systems: list[tuple[str, list[str]]], refs: list[str],
+                     n_samples: int = BOOTSTRAP_SAMPLES) -> tuple[dict[str, dict[str, Interval]], dict[str, str]]:
+    """sacreBLEU's paired bootstrap test of every system against the first, on BLEU and chrF.
+
+    Returns ({system: {"BLEU": Interval, "chrF2": Interval}}, {metric: signature}). The resamples
+    come from ``SACREBLEU_SEED`` (default 12345), as on sacreBLEU's command line, so
+    ``sacrebleu REF -i SYS1 SYS2 -m bleu chrf --paired-bs`` prints the same numbers.
+    """
+    from sacrebleu.significance import PairedTest
+
+    for name, hyps in systems:
+        _check(hyps, refs, name, "the reference")
+    test = PairedTest(systems, {"BLEU": BLEU(), "chrF2": CHRF()}, [refs], test_type="bs", n_samples=n_samples)
+    signatures, columns = test()
+    results: dict[str, dict[str, Interval]] = {name: {} for name, _ in systems}
+    for metric, values in columns.items():
+        if metric == "System":
+            continue
+        for (name, _), r in zip(systems, values):
+            results[name][metric] = Interval(float(r.score), float(r.mean), float(r.ci),
+                                             None if r.p_value is None else float(r.p_value))
+    return results, {metric: str(sig) for metric, sig in signatures.items()}
+
+
 def report(scores: list[Score], as_json: bool, width: int = 1) -> str:
     if as_json:
         items = [s.to_json(width) for s in scores]
@@ -114,7 +152,10 @@ def evaluate_run(run_dir: Path | list[Path], src: Path, ref: Path, checkpoint: s
     stem = f"{Path(src).name}.{tag}.beam{search.beam}{'.int8' if cfg.search.int8 else ''}"
     stem += ".exact" if search.stop == "exact" else ""
     stem += "".join(f"+{r.name}" for r in runs[1:])
-    (out_dir / f"{stem}.hyp").write_text("".join(f"{h}\n" for h in hyps), encoding="utf-8")
+    hyp_path = out_dir / f"{stem}.hyp"
+    hyp_path.write_text("".join(f"{h}\n" for h in hyps), encoding="utf-8")
+    # Kept with their hash, so that nmt report can run the paired significance test later.
+    result.update(hyp=hyp_path.name, hyp_sha256=file_sha256(hyp_path))
     (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
     return result
 

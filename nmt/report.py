@@ -4,7 +4,11 @@ Everything is read from the run directories: ``config.yaml``, ``log.jsonl`` (tra
 validation clocks kept apart) and ``eval/*.json`` (``nmt eval --model`` results). The test
 score shown is the evaluation of the recipe's test split with the best checkpoint; where the
 run has none, the table says which evaluation it shows instead. Runs are put in one table
-only when they share the tokenizer and the test set, unless asked.
+only when they share the tokenizer, the test set and the CPU, unless asked.
+
+The test scores come with sacreBLEU's 95% bootstrap intervals and its paired bootstrap
+p-value against a baseline run, computed from the hypotheses ``nmt eval`` kept; runs of one
+recipe that differ only in their seed can be summarized as one group (mean ± sd).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from pathlib import Path
 
 from nmt.config import DataConfig, split_paths
 from nmt.errors import NmtError
+from nmt.evaluate import BOOTSTRAP_SAMPLES, paired_bootstrap
 from nmt.tokenizer import MODEL_FILE, file_sha256
 
 
@@ -55,6 +60,21 @@ class RunSummary:
     # Best valid BLEU by each of the asked training times ({"10": 21.3, ...}); None where the
     # run did not train that long.
     bleu_at: dict[str, float | None] = field(default_factory=dict)
+    seed: int | None = None  # the recipe's train.seed
+    cpu: str = ""  # what it trained on ("AMD EPYC (2 cores)", a GPU added); "" if the log predates it
+    test_hyp: str = ""  # the hypotheses the test result scored, as nmt eval kept them
+    test_hyp_sha256: str = ""
+    test_ref: str = ""  # the reference file of the test result
+    # sacreBLEU's paired bootstrap: mean over resamples and half-width of the 95% interval,
+    # and the p-value against ``p_baseline`` (filled in by ``significance``).
+    test_bleu_mean: float | None = None
+    test_bleu_ci: float | None = None
+    test_chrf_mean: float | None = None
+    test_chrf_ci: float | None = None
+    p_bleu: float | None = None
+    p_chrf: float | None = None
+    p_baseline: str = ""
+    significance_note: str = ""  # "baseline", or why there is no interval or p-value
 
 
 def read_log(path: Path) -> list[dict]:
@@ -234,7 +254,17 @@ def summarize(run: Path, target: float | None = None, at: list[float] = ()) -> R
         test_note=test_note,
         init_from=_origin(cfg),
         bleu_at={f"{m:g}": bleu_at(records, m) for m in at},
+        seed=(cfg.get("train") or {}).get("seed"),
+        cpu=_hardware(start),
+        test_hyp=str(run / "eval" / test["hyp"]) if test and test.get("hyp") else "",
+        test_hyp_sha256=test.get("hyp_sha256", "") if test else "",
+        test_ref=test.get("ref", "") if test else "",
     )
+
+
+def _hardware(start: dict) -> str:
+    """The CPU (and GPU) of a run's start record; "" for a log written before nmt recorded them."""
+    return ", ".join(start[key] for key in ("cpu", "gpu") if start.get(key))
 
 
 def _origin(cfg: dict) -> str:
@@ -266,7 +296,7 @@ def _model_kind(run: Path, cfg: dict | None = None) -> str:
 
 
 def check_comparable(rows: list[RunSummary]) -> None:
-    """Refuse a table of runs with different tokenizers or test sets, naming which differ."""
+    """Refuse a table of runs with different tokenizers, test sets or CPUs, naming which differ."""
     for attr, what in (("tokenizer_sha256", "SentencePiece models"), ("test_set", "test sets")):
         groups: dict[str, list[str]] = {}
         for row in rows:
@@ -277,6 +307,241 @@ def check_comparable(rows: list[RunSummary]) -> None:
             raise NmtError(f"these runs use different {what} ({listing}), so their numbers do not "
                            "compare; train with tokenizer.reuse / evaluate on the same files, or pass "
                            "--allow-mixed")
+    machines: dict[str, list[str]] = {}
+    for row in rows:
+        if row.cpu:  # a run logged before nmt recorded its CPU compares, with a note
+            machines.setdefault(row.cpu, []).append(row.run)
+    if len(machines) > 1:
+        listing = "; ".join(f"{', '.join(names)} on {cpu}" for cpu, names in machines.items())
+        raise NmtError(f"these runs trained on different CPUs or GPUs ({listing}), so their training times "
+                       "do not compare; report them separately, or pass --allow-mixed")
+
+
+# --- confidence intervals and paired significance -------------------------------------------------
+
+NO_HYPOTHESES = "no significance: re-run nmt eval"
+
+
+@dataclass
+class Significance:
+    baseline: str  # the run every p-value compares with; "" where it has no kept hypotheses
+    signatures: dict[str, str]  # sacreBLEU's, per metric (with bs:1000 and the seed)
+    notes: list[str]  # one line each: runs that were not compared, and why
+
+
+def _kept_hypotheses(row: RunSummary) -> list[str] | str:
+    """The test hypotheses of a run, or why there are none to test."""
+    if row.test_bleu is None:
+        return "no significance: no test evaluation (nmt eval --model RUN --src ... --ref ...)"
+    if not row.test_hyp or not row.test_hyp_sha256:
+        return f"{NO_HYPOTHESES} (its record keeps no hypotheses)"
+    path = Path(row.test_hyp)
+    if not path.is_file():
+        return f"{NO_HYPOTHESES} ({path} is missing)"
+    if _sha256_of(path, path.stat().st_mtime_ns) != row.test_hyp_sha256:
+        return f"{NO_HYPOTHESES} ({path} changed since it was scored)"
+    return path.read_text(encoding="utf-8").splitlines()
+
+
+def _reference(rows: list[RunSummary]) -> list[str] | str:
+    """The reference lines the rows were scored against (all share ``test_set``), checked by sha256."""
+    for row in rows:
+        path = Path(row.test_ref)
+        if path.is_file() and row.test_set in (_sha256_of(path, path.stat().st_mtime_ns), path.name):
+            return path.read_text(encoding="utf-8").splitlines()
+    return f"no significance: the reference {rows[0].test_ref or '?'} is missing or changed since scoring"
+
+
+def _same_resamples(a, b) -> bool:
+    """Whether two systems' bootstrap results are equal: their sentence statistics are the same."""
+    return (a.score, a.mean, a.ci) == (b.score, b.mean, b.ci)
+
+
+def _find_run(rows: list[RunSummary], name: str) -> int:
+    for i, row in enumerate(rows):
+        if row.run in (name, Path(name).name):
+            return i
+    raise NmtError(f"--baseline {name}: not one of the reported runs ({', '.join(r.run for r in rows)})")
+
+
+def significance(rows: list[RunSummary], baseline: str | int | None = None,
+                 n_samples: int = BOOTSTRAP_SAMPLES) -> tuple[list[RunSummary], Significance]:
+    """Each run's test BLEU/chrF with its 95% interval, and the paired bootstrap p-value against the baseline.
+
+    The numbers are sacreBLEU's (``sacrebleu.significance.PairedTest``, paired bootstrap, seed from
+    ``SACREBLEU_SEED``), computed from the hypotheses ``nmt eval`` kept. Only runs scored against the
+    baseline's reference get a p-value. Output identical to the baseline's is said so: sacreBLEU
+    would give it the smallest p-value, 1/(n+1), as if the difference were significant.
+    """
+    if not rows:
+        return rows, Significance("", {}, [])
+    base = baseline if isinstance(baseline, int) else _find_run(rows, baseline) if baseline else 0
+    updates: dict[int, dict] = {}
+    hyps: dict[int, list[str]] = {}
+    for i, row in enumerate(rows):
+        found = _kept_hypotheses(row)
+        if isinstance(found, str):
+            updates[i] = {"significance_note": found}
+        else:
+            hyps[i] = found
+    by_test_set: dict[str, list[int]] = {}
+    for i in hyps:
+        by_test_set.setdefault(rows[i].test_set, []).append(i)
+    notes, signatures = [], {}
+    base_name = rows[base].run if base in hyps else ""
+    if not base_name:
+        notes.append(f"no p-values: the baseline {rows[base].run} has no kept test hypotheses; re-run nmt eval "
+                     "for it, or choose another with --baseline")
+    for test_set, members in by_test_set.items():
+        refs = _reference([rows[i] for i in members])
+        if isinstance(refs, str):
+            updates.update({i: {"significance_note": refs} for i in members})
+            continue
+        short = [i for i in members if len(hyps[i]) != len(refs)]
+        for i in short:
+            updates[i] = {"significance_note": f"no significance: {len(hyps[i])} hypotheses against "
+                                               f"{len(refs)} references; re-run nmt eval"}
+        members = sorted((i for i in members if i not in short), key=lambda i: i != base)  # baseline first
+        if not members:
+            continue
+        compared = base in members
+        results, signatures = paired_bootstrap([(str(i), hyps[i]) for i in members], refs, n_samples)
+        for i in members:
+            bleu, chrf = results[str(i)]["BLEU"], results[str(i)]["chrF2"]
+            values = {"test_bleu_mean": bleu.mean, "test_bleu_ci": bleu.ci, "test_chrf_mean": chrf.mean,
+                      "test_chrf_ci": chrf.ci}
+            if i == base:
+                values["significance_note"] = "baseline"
+            elif compared and hyps[i] == hyps[base]:
+                values.update(p_baseline=base_name, significance_note="identical to the baseline's output")
+            elif compared:
+                # Equal scores on every resample (outputs that differ only where neither scores)
+                # also get sacreBLEU's smallest p-value; say so instead.
+                same = [m for m, r in results[str(i)].items() if _same_resamples(r, results[str(base)][m])]
+                values.update(p_bleu=None if "BLEU" in same else bleu.p_value,
+                              p_chrf=None if "chrF2" in same else chrf.p_value, p_baseline=base_name)
+                if same:
+                    values["significance_note"] = f"same {' and '.join(same)} as the baseline on every resample"
+            elif base_name:
+                values["significance_note"] = f"not compared: another test set than {base_name}'s"
+            updates[i] = values
+        if not compared and base_name:
+            notes.append(f"not compared with {base_name} (scored on another test set, {test_set[:12]}): "
+                         + ", ".join(rows[i].run for i in members))
+    rows = [dataclasses.replace(row, **updates.get(i, {})) for i, row in enumerate(rows)]
+    return rows, Significance(base_name, signatures, notes)
+
+
+# --- runs of one recipe with different seeds ------------------------------------------------------
+
+# What the runs of one recipe may differ in and still count as seeds of it.
+SEED_KEYS = ("name", "train.seed", "tokenizer.reuse")
+
+
+@dataclass
+class Spread:
+    """Mean and sample standard deviation over the seeds that have the value (n of them)."""
+    mean: float | None
+    sd: float | None
+    n: int
+
+    @classmethod
+    def of(cls, values: list[float | None]) -> Spread:
+        known = [v for v in values if v is not None]
+        return cls(statistics.mean(known) if known else None,
+                   statistics.stdev(known) if len(known) > 1 else None, len(known))
+
+
+@dataclass
+class SeedGroup:
+    recipe: str  # the recipe's name
+    model: str
+    runs: list[str]  # by seed
+    seeds: list[int | None]
+    best_valid_bleu: Spread
+    test_bleu: Spread
+    test_chrf: Spread
+    time_to_target_minutes: Spread
+    bleu_at: dict[str, Spread]
+    # The p-values of the group's first seed against the baseline group's first seed.
+    p_run: str
+    p_bleu: float | None
+    p_chrf: float | None
+    p_note: str
+    members: list[int] = field(default_factory=list)  # indices of the runs in the report
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def seed_groups(runs: list[Path]) -> list[tuple[str, list[int]]]:
+    """(recipe name, indices of its ``runs``) in order of appearance, each sorted by ``train.seed``.
+
+    Refuses runs of one recipe that differ in anything but the seed, the name and
+    ``tokenizer.reuse``, naming the key.
+    """
+    configs = [_flatten(_read_config(Path(run))) for run in runs]
+    groups: dict[str, list[int]] = {}
+    for i, cfg in enumerate(configs):
+        groups.setdefault(str(cfg.get("name", Path(runs[i]).name)), []).append(i)
+    for recipe, members in groups.items():
+        first = configs[members[0]]
+        for i in members[1:]:
+            keys = sorted(k for k in first.keys() | configs[i].keys()
+                          if k not in SEED_KEYS and first.get(k) != configs[i].get(k))
+            if keys:
+                a, b = Path(runs[members[0]]).name, Path(runs[i]).name
+                raise NmtError(f"--group-seeds: runs {a} and {b} of recipe {recipe} differ in {keys[0]} "
+                               f"({first.get(keys[0])!r} against {configs[i].get(keys[0])!r}), not only in "
+                               "train.seed; report them without --group-seeds")
+    order = {i: (configs[i].get("train.seed") is None, configs[i].get("train.seed") or 0) for i in range(len(runs))}
+    return [(recipe, sorted(members, key=order.__getitem__)) for recipe, members in groups.items()]
+
+
+def summarize_group(rows: list[RunSummary], members: list[int], recipe: str) -> SeedGroup:
+    group = [rows[i] for i in members]
+    first = group[0]
+    return SeedGroup(
+        recipe=recipe, model=first.model, runs=[r.run for r in group], seeds=[r.seed for r in group],
+        best_valid_bleu=Spread.of([r.best_valid_bleu for r in group]),
+        test_bleu=Spread.of([r.test_bleu for r in group]),
+        test_chrf=Spread.of([r.test_chrf for r in group]),
+        time_to_target_minutes=Spread.of([r.time_to_target_minutes for r in group]),
+        bleu_at={m: Spread.of([r.bleu_at.get(m) for r in group]) for m in first.bleu_at},
+        p_run=first.run, p_bleu=first.p_bleu, p_chrf=first.p_chrf, p_note=first.significance_note,
+        members=list(members))
+
+
+@dataclass
+class Comparison:
+    rows: list[RunSummary]
+    groups: list[SeedGroup]  # empty unless seeds are grouped
+    significance: Significance
+
+
+def compare(runs: list[Path], target: float | None = None, at: list[float] = (), baseline: str | None = None,
+            group_seeds: bool = False, allow_mixed: bool = False) -> Comparison:
+    """Everything ``nmt report`` shows: a row per run, the significance tests, the seed groups.
+
+    With ``group_seeds`` the baseline is the first seed of the group of ``baseline`` (default:
+    the first group), and each group's p-value is its first seed's.
+    """
+    rows = [summarize(run, target, at) for run in runs]
+    if not allow_mixed:
+        check_comparable(rows)
+    groups = seed_groups(runs) if group_seeds else []
+    if groups:
+        chosen = _find_run(rows, baseline) if baseline else 0
+        baseline = next(members for _, members in groups if chosen in members)[0]
+    rows, tested = significance(rows, baseline)
+    return Comparison(rows, [summarize_group(rows, members, recipe) for recipe, members in groups], tested)
 
 
 def _flat(row: RunSummary) -> dict:
@@ -287,26 +552,52 @@ def _flat(row: RunSummary) -> dict:
     return values
 
 
-def render(rows: list[RunSummary], fmt: str) -> str:
+def _flat_group(group: SeedGroup) -> dict:
+    """A seed group as one level of named values: <value>_seed_mean, <value>_seed_sd, <value>_seed_n."""
+    values: dict = {"recipe": group.recipe, "model": group.model, "runs": " ".join(group.runs),
+                    "seeds": " ".join(str(s) for s in group.seeds), "n": len(group.runs)}
+    spreads = {name: getattr(group, name) for name in ("best_valid_bleu", "test_bleu", "test_chrf",
+                                                       "time_to_target_minutes")}
+    spreads.update({f"valid_bleu_at_{m}min": spread for m, spread in group.bleu_at.items()})
+    for name, spread in spreads.items():
+        values.update({f"{name}_seed_mean": spread.mean, f"{name}_seed_sd": spread.sd, f"{name}_seed_n": spread.n})
+    values.update(p_run=group.p_run, p_bleu=group.p_bleu, p_chrf=group.p_chrf, p_note=group.p_note)
+    return values
+
+
+def render(rows: list[RunSummary], fmt: str, groups: list[SeedGroup] = (),
+           tested: Significance | None = None) -> str:
+    """The report as md, csv or json. With seed groups, csv and json list the runs ("row": "run")
+    and then the groups ("row": "group") with their own columns."""
+    flat = [_flat(r) for r in rows]
+    if groups:
+        flat = [{"row": "run", **values} for values in flat] + [{"row": "group", **_flat_group(g)} for g in groups]
     if fmt == "json":
-        return json.dumps([_flat(r) for r in rows], indent=1)
+        return json.dumps(flat, indent=1)
     if fmt == "csv":
-        flat = [_flat(r) for r in rows]
+        columns = list(dict.fromkeys(key for values in flat for key in values))
         out = io.StringIO()
-        writer = csv.DictWriter(out, fieldnames=list(flat[0]) if flat else [], lineterminator="\n")
+        writer = csv.DictWriter(out, fieldnames=columns, restval="", lineterminator="\n")
         writer.writeheader()
         for values in flat:
             writer.writerow({k: ("" if v is None else v) for k, v in values.items()})
         return out.getvalue()
     if fmt == "md":
-        return _markdown(rows)
+        return _markdown(rows, groups, tested)
     raise NmtError(f"--format {fmt}: choose md, csv or json")
 
 
-def _markdown(rows: list[RunSummary]) -> str:
-    def num(value, spec: str) -> str:
-        return "–" if value is None else format(value, spec)
+def _num(value, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
 
+
+def _p(value: float | None) -> str:
+    """A p-value as sacreBLEU prints it: four decimals, ``*`` where it is at most 0.05."""
+    return "–" if value is None else f"{value:.4f}" + ("*" if value <= 0.05 else "")
+
+
+def _markdown(rows: list[RunSummary], groups: list[SeedGroup] = (), tested: Significance | None = None) -> str:
+    num = _num
     head = ["run", "model", "params", "device × ranks", "precision", "batch", "steps", "epochs",
             "train min", "valid min", "tok/s", "best valid BLEU", "test BLEU", "test chrF",
             "to target (min)", "beam-5 sent/s"]
@@ -327,12 +618,17 @@ def _markdown(rows: list[RunSummary]) -> str:
                   "|---|---|" + "---|" * len(marks)]
         for r in rows:
             lines.append(f"| {r.run} | {r.model} | " + " | ".join(num(r.bleu_at[m], ".2f") for m in marks) + " |")
+    if tested is not None and any(r.test_bleu is not None for r in rows):
+        lines += _significance_lines(rows, tested, bool(groups))
+    if groups:
+        lines += _group_lines(groups, marks)
     notes = [f"{r.run}: test BLEU of {r.test_note}" for r in rows if r.test_note]
     if notes:
         lines += ["", "\\* not the recipe's test split with the best checkpoint:", ""] + [f"- {n}" for n in notes]
     origins = [f"- {r.run}: from {r.init_from}" for r in rows if r.init_from]
     if origins:  # their training time and steps count from that checkpoint, not from scratch
         lines += ["", "Fine-tuned (time and steps counted from the starting checkpoint):", "", *origins]
+    lines += _hardware_lines(rows)
     signatures = sorted({r.test_signature for r in rows if r.test_signature})
     if signatures:
         lines.append("")
@@ -340,8 +636,92 @@ def _markdown(rows: list[RunSummary]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(runs: list[Path], out: Path, target: float | None = None, speed: bool = False) -> None:
-    """Valid BLEU against training minutes, a line per run; tokens/s below it if ``speed``."""
+def _significance_lines(rows: list[RunSummary], tested: Significance, grouped: bool) -> list[str]:
+    against = f"p-values against {tested.baseline}" if tested.baseline else "no p-values"
+    lines = ["", f"Test scores with 95% confidence intervals (sacreBLEU paired bootstrap, {BOOTSTRAP_SAMPLES} "
+             f"resamples); {against}:", "",
+             "| run | test BLEU (μ ± 95% CI) | p (BLEU) | test chrF (μ ± 95% CI) | p (chrF) |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        if r.test_bleu_mean is None:
+            lines.append(f"| {r.run} | {r.significance_note} | | | |")
+            continue
+        bleu = f"{r.test_bleu:.2f} ({r.test_bleu_mean:.2f} ± {r.test_bleu_ci:.2f})"
+        chrf = f"{r.test_chrf:.2f} ({r.test_chrf_mean:.2f} ± {r.test_chrf_ci:.2f})"
+        p_bleu = r.significance_note if r.p_bleu is None and r.significance_note else _p(r.p_bleu)
+        p_chrf = r.significance_note if r.p_chrf is None and r.significance_note else _p(r.p_chrf)
+        lines.append(f"| {r.run} | {bleu} | {p_bleu} | {chrf} | {p_chrf} |")
+    if any(r.test_bleu_mean is not None for r in rows):
+        lines += ["", "μ ± CI: mean and half-width of the middle 95% of the scores on test sets resampled "
+                  "from this one. p: how often resampling gives a difference from the baseline at least this "
+                  "large by chance alone; * marks p ≤ 0.05, a difference unlikely to be chance."]
+    if grouped:
+        lines.append("Seed groups: the baseline is its group's first seed, and each group's p-value is its "
+                     "first seed's against it.")
+    lines += [f"- {note}" for note in tested.notes]
+    if tested.signatures:
+        lines.append("Signatures: " + "; ".join(f"{m} {sig}" for m, sig in tested.signatures.items()))
+    return lines
+
+
+def _spread(spread: Spread, of: int, spec: str = ".2f") -> str:
+    if spread.mean is None:
+        return "–"
+    text = format(spread.mean, spec) + (f" ± {format(spread.sd, spec)}" if spread.sd is not None else "")
+    return text + (f" (n={spread.n})" if spread.n < of else "")
+
+
+def _group_lines(groups: list[SeedGroup], marks: list[str]) -> list[str]:
+    head = ["recipe", "model", "seeds", "best valid BLEU", "test BLEU", "test chrF", "to target (min)",
+            "p (BLEU), first seeds", "p (chrF), first seeds"]
+    lines = ["", "Seed groups: mean ± sd over the seeds (sample sd; n where fewer seeds have the value):", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for g in groups:
+        n = len(g.runs)
+        seeds = f"{', '.join(str(s) for s in g.seeds)} (n={n})"
+        p_bleu, p_chrf = (_p(g.p_bleu), _p(g.p_chrf)) if g.p_bleu is not None else (g.p_note or "–",) * 2
+        lines.append(f"| {g.recipe} | {g.model} | {seeds} | {_spread(g.best_valid_bleu, n)} | "
+                     f"{_spread(g.test_bleu, n)} | {_spread(g.test_chrf, n)} | "
+                     f"{_spread(g.time_to_target_minutes, n, '.1f')} | {p_bleu} | {p_chrf} |")
+    if marks:
+        lines += ["", "Seed groups, best valid BLEU by training time (mean ± sd):", "",
+                  "| recipe | model | " + " | ".join(f"{m} min" for m in marks) + " |",
+                  "|---|---|" + "---|" * len(marks)]
+        for g in groups:
+            cells = " | ".join(_spread(g.bleu_at[m], len(g.runs)) for m in marks)
+            lines.append(f"| {g.recipe} | {g.model} | {cells} |")
+    return lines
+
+
+def _hardware_lines(rows: list[RunSummary]) -> list[str]:
+    known = sorted({r.cpu for r in rows if r.cpu})
+    unknown = [r.run for r in rows if not r.cpu]
+    lines = ["", "Trained on: " + "; ".join(known)] if known else []
+    if unknown and len(rows) > 1:
+        lines += ["", f"CPU not recorded (logged before nmt recorded it), compared as if alike: {', '.join(unknown)}"]
+    return lines
+
+
+def mean_curve(curves: list[tuple[list[float], list[float]]]) -> tuple[list[float], list[float], list[float],
+                                                                       list[float]]:
+    """(times, mean, min, max) of several (times, values) curves, linearly interpolated at every
+    time any of them was measured, over the span all of them cover."""
+    import numpy as np
+
+    start = max(times[0] for times, _ in curves)
+    stop = min(times[-1] for times, _ in curves)
+    grid = sorted({t for times, _ in curves for t in times if start <= t <= stop}) or [stop]
+    values = np.array([np.interp(grid, times, ys) for times, ys in curves])  # (runs, len(grid))
+    return grid, values.mean(0).tolist(), values.min(0).tolist(), values.max(0).tolist()
+
+
+def plot(runs: list[Path], out: Path, target: float | None = None, speed: bool = False,
+         groups: list[SeedGroup] = ()) -> None:
+    """Valid BLEU against training minutes, a line per run; tokens/s below it if ``speed``.
+
+    With seed groups: a line per group, the mean over its seeds, in a band from the lowest to the
+    highest seed (over the training time all its seeds reached).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -350,22 +730,33 @@ def plot(runs: list[Path], out: Path, target: float | None = None, speed: bool =
     rows = 2 if speed else 1
     fig, axes = plt.subplots(rows, 1, figsize=(7, 4 * rows), squeeze=False)
     ax = axes[0][0]
+    curves, speeds, colors = [], [], {}
     for run in runs:
         records = read_log(Path(run) / "log.jsonl")
         valid = [r for r in records if r["event"] == "valid"]
-        label = f"{Path(run).name} ({_model_kind(Path(run))})"
-        ax.plot([r["train_seconds"] / 60 for r in valid], [r["valid_bleu"] for r in valid], marker="o",
-                markersize=3, label=label)
-        if speed:
-            train = [r for r in records if r["event"] == "train"]
-            axes[1][0].plot([r["train_seconds"] / 60 for r in train], [r["tokens_per_s"] for r in train],
-                            label=label)
+        train = [r for r in records if r["event"] == "train"]
+        curves.append(([r["train_seconds"] / 60 for r in valid], [r["valid_bleu"] for r in valid]))
+        speeds.append(([r["train_seconds"] / 60 for r in train], [r["tokens_per_s"] for r in train]))
+        if not groups:
+            ax.plot(*curves[-1], marker="o", markersize=3, label=f"{Path(run).name} ({_model_kind(Path(run))})")
+    for g in groups:
+        members = [curves[i] for i in g.members if curves[i][0]]
+        if len(members) == 1:
+            line, = ax.plot(*members[0], marker="o", markersize=3, label=f"{g.recipe} ({g.model}), 1 seed")
+        elif members:
+            grid, mean, low, high = mean_curve(members)
+            line, = ax.plot(grid, mean, label=f"{g.recipe} ({g.model}): mean of {len(members)} seeds, band min–max")
+            ax.fill_between(grid, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+        colors.update({i: line.get_color() for i in g.members} if members else {})
+    if speed:  # a line per run, in its group's colour
+        for i, run in enumerate(runs):
+            axes[1][0].plot(*speeds[i], color=colors.get(i), label=f"{Path(run).name} ({_model_kind(Path(run))})")
     if target is not None:
         ax.axhline(target, linestyle="--", color="grey", label=f"target {target:g}")
     ax.set_xlabel("training time (minutes, validation excluded)")
     ax.set_ylabel("valid BLEU")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize="small")
     if speed:
         axes[1][0].set_xlabel("training time (minutes)")
         axes[1][0].set_ylabel("target tokens/s")

@@ -124,6 +124,27 @@ def pick_device() -> torch.device:
     return torch.device("cpu")
 
 
+def hardware(device: torch.device) -> dict[str, str]:
+    """What a run trained on, for its start record: the CPU model and usable cores, and the GPU on CUDA.
+
+    nmt report refuses to compare the times of runs trained on different hardware.
+    """
+    import platform
+
+    name = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    name = name or platform.processor() or platform.machine() or "unknown CPU"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    found = {"cpu": f"{name} ({cores} cores)"}
+    if device.type == "cuda":
+        found["gpu"] = torch.cuda.get_device_name(device)
+    return found
+
+
 # --- the run directory ------------------------------------------------------------------
 
 def prepare_run(cfg: Config, run_dir: Path, write: bool = True) -> tuple[Config, bool]:
@@ -686,7 +707,8 @@ class Trainer:
                            world_size=self.world_size, threads=torch.get_num_threads(),
                            precision=tc.precision, max_tokens=tc.max_tokens, update_freq=tc.update_freq,
                            effective_batch_tokens=self.world_size * tc.max_tokens * tc.update_freq,
-                           train_pairs=len(self.train_data), corpora=self.corpora_record, step=0)
+                           train_pairs=len(self.train_data), corpora=self.corpora_record,
+                           **hardware(self.device), step=0)
         log.info("model %s: %s parameters; %s training pairs; %d threads on %s", self.cfg.model.kind,
                  f"{count_parameters(self.model):,}", f"{len(self.train_data):,}", torch.get_num_threads(),
                  self.device)

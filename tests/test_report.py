@@ -21,25 +21,30 @@ runner = CliRunner()
 
 
 def make_run(root: Path, name: str, kind: str = "transformer", finished: bool = True, spm: bytes = b"spm-A",
-             ref: str | None = None) -> Path:
-    """A run whose valid BLEU goes 10 -> 22 -> 27 at 5, 10, 15 training minutes (best.pt: step 300).
+             ref: str | None = None, seed: int = 1, valid: tuple[float, float, float] = (10.0, 22.0, 27.0),
+             test_bleu: float = 30.5, cpu: str | None = "AMD EPYC (2 cores)", train: dict | None = None) -> Path:
+    """A run whose valid BLEU goes 10 -> 22 -> 27 (or ``valid``) at 5, 10, 15 training minutes (best.pt: step 300).
 
-    Its recipe's test split is ``root/data/test2016``, evaluated with best.pt at beam 5
-    (BLEU 30.5); ``ref`` replaces the reference's sha256 in that record.
+    Its recipe (named after ``kind``, with ``train.seed`` = ``seed`` and ``train``'s keys) has the
+    test split ``root/data/test2016`` (written by the first run of ``root``), evaluated with best.pt
+    at beam 5 (BLEU ``test_bleu``); ``ref`` replaces the reference's sha256 in that record. ``cpu``:
+    the start record's CPU, None for a log written before nmt recorded it.
     """
     run = root / name
     (run / "eval").mkdir(parents=True)
     data = root / "data"
     data.mkdir(exist_ok=True)
     for split in ("test2016", "valid"):
-        (data / f"{split}.en").write_text(f"{split} source\n", encoding="utf-8")
-        (data / f"{split}.de").write_text(f"{split} reference\n", encoding="utf-8")
-    recipe = {"data": {"dir": str(data), "test": "test2016"}, "model": {"kind": kind}, "search": {"beam": 5}}
+        for lang, text in (("en", "source"), ("de", "reference")):
+            if not (data / f"{split}.{lang}").exists():
+                (data / f"{split}.{lang}").write_text(f"{split} {text}\n", encoding="utf-8")
+    recipe = {"name": f"recipe-{kind}", "data": {"dir": str(data), "test": "test2016"}, "model": {"kind": kind},
+              "train": {"seed": seed, **(train or {})}, "search": {"beam": 5}}
     (run / "config.yaml").write_text(yaml.safe_dump(recipe), encoding="utf-8")
     (run / "spm.model").write_bytes(spm)
     records = [{"event": "start", "step": 0, "params": 1234, "device": "cpu", "world_size": 2,
-                "precision": "bf16", "effective_batch_tokens": 8192}]
-    for i, (bleu, tok_s) in enumerate([(10.0, 900.0), (22.0, 1100.0), (27.0, 1000.0)], 1):
+                "precision": "bf16", "effective_batch_tokens": 8192, **({"cpu": cpu} if cpu else {})}]
+    for i, (bleu, tok_s) in enumerate(zip(valid, [900.0, 1100.0, 1000.0]), 1):
         records.append({"event": "train", "step": 100 * i, "epoch": i, "loss": 3.0, "tokens_per_s": tok_s,
                         "train_seconds": 300.0 * i, "valid_seconds": 20.0 * (i - 1)})
         records.append({"event": "valid", "step": 100 * i, "epoch": i, "valid_bleu": bleu,
@@ -47,7 +52,7 @@ def make_run(root: Path, name: str, kind: str = "transformer", finished: bool = 
     if finished:
         records.append({"event": "end", "step": 300, "train_seconds": 900.0, "valid_seconds": 60.0})
     (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    add_eval(run, "test2016", 30.5, ref_sha256=ref)
+    add_eval(run, "test2016", test_bleu, ref_sha256=ref)
     return run
 
 
@@ -243,3 +248,130 @@ def test_report_of_a_real_run_after_two_evaluations(trained_run: Path, corpus: P
     assert saved["checkpoint_step"] == checkpoint.load(run / "best.pt")["step"]
     row = report.summarize(run)
     assert row.test_source == "test.en" and row.test_bleu == saved["BLEU"]["score"] and row.test_note == ""
+    # The hypotheses are kept with their hash, so the report can test them later.
+    hyp = run / "eval" / saved["hyp"]
+    assert saved["hyp_sha256"] == file_sha256(hyp) and row.test_hyp == str(hyp)
+    (tested,), _ = report.significance([row])
+    assert tested.test_bleu_mean is not None and tested.test_bleu_ci > 0 and tested.significance_note == "baseline"
+
+
+def test_a_run_records_the_cpu_it_trained_on(trained_run: Path) -> None:
+    import torch
+
+    from nmt.train import hardware
+
+    start = report.read_log(trained_run / "log.jsonl")[0]
+    assert start["event"] == "start" and start["cpu"] == hardware(torch.device("cpu"))["cpu"]
+    assert report.summarize(trained_run).cpu == start["cpu"] and "cores)" in start["cpu"]
+
+
+def test_runs_on_different_cpus_are_refused_unless_mixed_is_allowed(tmp_path: Path) -> None:
+    a = make_run(tmp_path, "a", cpu="AMD EPYC (2 cores)")
+    b = make_run(tmp_path, "b", cpu="Intel Xeon (16 cores)")
+    refused = runner.invoke(app, ["report", str(a), str(b)])
+    assert refused.exit_code == 1 and len(refused.stderr.strip().splitlines()) == 1
+    assert "a on AMD EPYC (2 cores); b on Intel Xeon (16 cores)" in refused.stderr
+    allowed = runner.invoke(app, ["report", str(a), str(b), "--allow-mixed"])
+    assert allowed.exit_code == 0 and "Trained on: AMD EPYC (2 cores); Intel Xeon (16 cores)" in allowed.stdout
+    old = make_run(tmp_path, "old", cpu=None)  # logged before the CPU was recorded: compared, with a note
+    result = runner.invoke(app, ["report", str(a), str(old)])
+    assert result.exit_code == 0 and "CPU not recorded" in result.stdout and ": old" in result.stdout
+
+
+def seed_runs(root: Path) -> list[Path]:
+    """Three Transformer seeds and one GNMT: valid BLEU by 10 min 22, 20, 24; test BLEU 30.5, 31.5, 29.0."""
+    return [make_run(root, "t1", seed=1, valid=(10.0, 22.0, 27.0), test_bleu=30.5),
+            make_run(root, "t3", seed=3, valid=(12.0, 24.0, 29.0), test_bleu=29.0),
+            make_run(root, "t2", seed=2, valid=(10.0, 20.0, 25.0), test_bleu=31.5),
+            make_run(root, "g1", kind="gnmt", seed=1)]
+
+
+def test_seed_groups_give_mean_and_sd(tmp_path: Path) -> None:
+    found = report.compare(seed_runs(tmp_path), target=21.0, at=[10], group_seeds=True)
+    transformer, gnmt = found.groups
+    assert (transformer.recipe, transformer.runs, transformer.seeds) == ("recipe-transformer", ["t1", "t2", "t3"],
+                                                                        [1, 2, 3])
+    # test BLEU 30.5, 31.5, 29.0: mean 30.333, sample sd sqrt(((1/6)² + (7/6)² + (4/3)²) / 2) = 1.2583
+    assert transformer.test_bleu.mean == pytest.approx(91 / 3)
+    assert transformer.test_bleu.sd == pytest.approx(1.2583, abs=1e-4)
+    assert (transformer.bleu_at["10"].mean, transformer.bleu_at["10"].sd) == (22.0, pytest.approx(2.0))
+    # valid BLEU 21 first reached at 10, 15 and 10 minutes
+    assert transformer.time_to_target_minutes.mean == pytest.approx(35 / 3)
+    assert transformer.time_to_target_minutes.sd == pytest.approx(2.8868, abs=1e-4)
+    assert (gnmt.test_bleu.mean, gnmt.test_bleu.sd, gnmt.test_bleu.n) == (30.5, None, 1)
+    text = report.render(found.rows, "md", found.groups, found.significance)
+    assert "| recipe-transformer | transformer | 1, 2, 3 (n=3) | 27.00 ± 2.00 | 30.33 ± 1.26 |" in text
+    assert "| recipe-transformer | transformer | 22.00 ± 2.00 |" in text
+    parsed = json.loads(report.render(found.rows, "json", found.groups))
+    assert [r["row"] for r in parsed] == ["run"] * 4 + ["group"] * 2
+    assert parsed[4]["test_bleu_seed_sd"] == pytest.approx(1.2583, abs=1e-4)
+    assert parsed[4]["valid_bleu_at_10min_seed_n"] == 3 and parsed[4]["runs"] == "t1 t2 t3"
+    table = list(csv.DictReader(io.StringIO(report.render(found.rows, "csv", found.groups))))
+    assert float(table[4]["time_to_target_minutes_seed_mean"]) == pytest.approx(35 / 3) and table[0]["run"] == "t1"
+
+
+def test_seed_grouping_refuses_runs_that_differ_in_another_key(tmp_path: Path) -> None:
+    a = make_run(tmp_path, "a", seed=1)
+    b = make_run(tmp_path, "b", seed=2, train={"lr": 0.002})
+    assert runner.invoke(app, ["report", str(a), str(b)]).exit_code == 0  # not grouped, nothing to refuse
+    result = runner.invoke(app, ["report", str(a), str(b), "--group-seeds"])
+    assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1
+    assert "differ in train.lr" in result.stderr and "Traceback" not in result.output
+
+
+def test_mean_curve_interpolates_over_the_common_time() -> None:
+    times, mean, low, high = report.mean_curve([([5.0, 10.0, 15.0], [10.0, 20.0, 30.0]),
+                                                ([4.0, 12.0], [0.0, 16.0])])
+    assert times == [5.0, 10.0, 12.0]  # from the later start to the earlier end
+    assert mean == pytest.approx([(10 + 2) / 2, (20 + 12) / 2, (24 + 16) / 2])
+    assert low == pytest.approx([2.0, 12.0, 16.0]) and high == pytest.approx([10.0, 20.0, 24.0])
+
+
+def test_plot_of_seed_groups_is_a_png(tmp_path: Path) -> None:
+    out = tmp_path / "bleu.png"
+    result = runner.invoke(app, ["report", *map(str, seed_runs(tmp_path)), "--group-seeds", "--plot", str(out)])
+    assert result.exit_code == 0, result.output
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
+
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "multi30k"
+
+
+@pytest.mark.parametrize("kind", ["transformer", "gnmt"])
+@pytest.mark.parametrize("tgt", ["fr", "cs"])
+def test_recipes_for_more_language_pairs_match_the_en_de_ones(kind: str, tgt: str) -> None:
+    from nmt import config
+
+    cfg = config.load_recipe(RECIPES / f"{kind}-en-{tgt}.yaml")
+    en_de = config.load_recipe(RECIPES / f"{kind}.yaml")
+    assert (cfg.data.src_lang, cfg.data.tgt_lang, cfg.data.test) == ("en", tgt, "test2016")
+    assert cfg.name == f"{en_de.name}-en-{tgt}" and cfg.tokenizer.reuse is None  # a SentencePiece model of its own
+    assert (cfg.model, cfg.train, cfg.search, cfg.tokenizer) == (en_de.model, en_de.train, en_de.search,
+                                                                 en_de.tokenizer)
+
+
+def test_compare_script_trains_every_pair_and_seed_and_reports_each_pair(tmp_path: Path) -> None:
+    import subprocess
+
+    script = RECIPES / "compare.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    # An nmt that only writes down its arguments (and makes the run directories, as nmt train does).
+    stub = tmp_path / "bin" / "nmt"
+    stub.parent.mkdir()
+    stub.write_text('#!/bin/bash\necho "$*" >> "$NMT_CALLS"\n'
+                    'while [ $# -gt 0 ]; do [ "$1" = --run ] && mkdir -p "$2"; shift; done\n')
+    stub.chmod(0o755)
+    env = {**os.environ, "PATH": f"{stub.parent}:{os.environ['PATH']}", "NMT_CALLS": str(tmp_path / "calls"),
+           "PAIRS": "en-de en-cs", "SEEDS": "1 2", "BUDGET": "5", "OUT": str(tmp_path / "out")}
+    subprocess.run(["bash", str(script)], env=env, check=True, capture_output=True)
+    calls = (tmp_path / "calls").read_text().splitlines()
+    trains = [c for c in calls if c.startswith("train ")]
+    assert len(trains) == 8 and sum("gnmt-en-cs.yaml" in c and "train.seed=2" in c for c in trains) == 1
+    out = tmp_path / "out"
+    # Every run of a pair reads the first Transformer's subwords; the pairs do not share them.
+    assert all(f"tokenizer.reuse={out}/en-cs/transformer-seed1" in c for c in trains
+               if "/en-cs/" in c and "transformer-seed1 " not in c)
+    reports = [c for c in calls if c.startswith("report ") and "--plot" in c]
+    assert len(reports) == 2 and "--group-seeds --baseline transformer-seed1" in reports[1]
+    assert f"{out}/en-cs/gnmt-seed2" in reports[1] and f"{out}/en-cs/bleu-vs-time.png" in reports[1]
+    assert (out / "en-cs" / "report.md").exists() and (out / "en-de" / "report.csv").exists()

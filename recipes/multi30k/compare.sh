@@ -1,38 +1,64 @@
 #!/usr/bin/env bash
-# Transformer against GNMT on Multi30k en->de at equal training budgets on this machine:
-# one shared SentencePiece model, the same data, batching and search; then test2016 BLEU and
-# chrF at beam 5, the report table and the BLEU-against-time plot.
+# Transformer against GNMT on Multi30k at equal training budgets on this machine, for each
+# language pair and seed: per pair one SentencePiece model shared by every run of that pair,
+# the same data, batching and search; then test2016 BLEU and chrF at beam 5, one report per
+# pair (seeds grouped: mean ± sd; 95% intervals; paired bootstrap p-value GNMT against
+# Transformer, first seeds) and one BLEU-against-time plot per pair.
 #
-#   BUDGET=80 OUT=runs/compare bash recipes/multi30k/compare.sh
+#   PAIRS="en-de en-fr en-cs" SEEDS="1 2" BUDGET=80 OUT=runs/compare bash recipes/multi30k/compare.sh
 #
-# BUDGET is minutes of training per model (validation time excluded). Re-running the script
-# resumes unfinished runs; raising BUDGET continues finished ones.
+# BUDGET is minutes of training per run (validation time excluded); runs go one after the
+# other, each alone on the machine: 2 models x seeds x pairs x BUDGET minutes, plus evaluation.
+# Re-running the script resumes unfinished runs; raising BUDGET continues finished ones.
+# Output: OUT/PAIR/{transformer,gnmt}-seedN/ (runs), OUT/PAIR/report.{md,csv}, OUT/PAIR/bleu-vs-time.png.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
+PAIRS=${PAIRS:-en-de}
+SEEDS=${SEEDS:-1}
 BUDGET=${BUDGET:-80}
 OUT=${OUT:-runs/compare}
 DATA=${NMT_DATA:-$HOME/.cache/nmt/data}/multi30k
-TARGET=${TARGET:-30}
+TARGET=${TARGET:-30}  # valid BLEU whose first reaching is timed, the same for every pair
 AT=${AT:-10,20,40,80}  # training minutes at which the report reads each model's BLEU
 
+recipe() {  # recipe MODEL PAIR: en-de has the original recipes, the others a -PAIR suffix
+    if [ "$2" = en-de ]; then echo "recipes/multi30k/$1.yaml"; else echo "recipes/multi30k/$1-$2.yaml"; fi
+}
+
 nmt data multi30k >/dev/null
-# Validating every 200 updates draws the BLEU-against-time curves finely enough to read off
-# 10, 20 and 40 minutes; validation time is kept off the training clock.
-nmt train recipes/multi30k/transformer.yaml --run "$OUT/transformer" --no-test \
-    --set train.max_minutes="$BUDGET" --set train.valid_every=200
-# The GNMT reads exactly the subwords the Transformer was trained on.
-nmt train recipes/multi30k/gnmt.yaml --run "$OUT/gnmt" --no-test \
-    --set train.max_minutes="$BUDGET" --set train.valid_every=200 \
-    --set tokenizer.reuse="$OUT/transformer"
-
-for model in transformer gnmt; do
-    nmt eval --model "$OUT/$model" --src "$DATA/test2016.en" --ref "$DATA/test2016.de" --beam 5
-    nmt attention --model "$OUT/$model" -o "$OUT/attention-$model.png" \
-        --text "A man in an orange hat starring at something."
+read -r -a seeds <<<"$SEEDS"
+first=${seeds[0]}
+for pair in $PAIRS; do
+    src=${pair%-*} tgt=${pair#*-}
+    for model in transformer gnmt; do
+        [ -f "$(recipe "$model" "$pair")" ] || { echo "compare.sh: no recipe $(recipe "$model" "$pair") for $pair" >&2; exit 1; }
+    done
+    dir=$OUT/$pair
+    shared=$dir/transformer-seed$first  # its SentencePiece model serves every run of the pair
+    for seed in "${seeds[@]}"; do
+        for model in transformer gnmt; do
+            run=$dir/$model-seed$seed
+            reuse=()
+            [ "$run" = "$shared" ] || reuse=(--set tokenizer.reuse="$shared")
+            # Validating every 200 updates draws the BLEU-against-time curves finely enough to
+            # read off 10, 20 and 40 minutes; validation time is kept off the training clock.
+            nmt train "$(recipe "$model" "$pair")" --run "$run" --no-test --set train.seed="$seed" \
+                --set train.max_minutes="$BUDGET" --set train.valid_every=200 ${reuse[@]+"${reuse[@]}"}
+            nmt eval --model "$run" --src "$DATA/test2016.$src" --ref "$DATA/test2016.$tgt" --beam 5
+        done
+    done
+    for model in transformer gnmt; do
+        nmt attention --model "$dir/$model-seed$first" -o "$dir/attention-$model.png" \
+            --text "A man in an orange hat starring at something."
+    done
+    runs=()
+    for model in transformer gnmt; do
+        for seed in "${seeds[@]}"; do runs+=("$dir/$model-seed$seed"); done
+    done
+    # Seeds grouped; the p-value compares the GNMT's first seed with the Transformer's.
+    options=(--group-seeds --baseline "transformer-seed$first" --target "$TARGET" --at "$AT")
+    nmt report "${runs[@]}" "${options[@]}" --plot "$dir/bleu-vs-time.png" --speed | tee "$dir/report.md"
+    nmt report "${runs[@]}" "${options[@]}" --format csv > "$dir/report.csv"
+    echo "report ($pair): $dir/report.md, $dir/report.csv, $dir/bleu-vs-time.png" >&2
 done
-
-nmt report "$OUT/transformer" "$OUT/gnmt" --target "$TARGET" --at "$AT" --plot "$OUT/bleu-vs-time.png" --speed \
-    | tee "$OUT/report.md"
-nmt report "$OUT/transformer" "$OUT/gnmt" --target "$TARGET" --at "$AT" --format csv > "$OUT/report.csv"
-echo "report: $OUT/report.md, $OUT/report.csv, $OUT/bleu-vs-time.png" >&2
