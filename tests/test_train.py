@@ -435,3 +435,15 @@ def test_bench_train_speed_prints_its_figures(tmp_path: Path, corpus: Path, spm_
                          capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stderr
     assert "median:" in out.stdout and "target tokens/s" in out.stdout and "utilisation:" in out.stdout
+
+
+def test_bench_memory_trace_counts_the_processes_a_command_starts() -> None:
+    # A parent that holds little starts a child that fills 200 MB: the peak is the child's.
+    child = "import numpy, time; a = numpy.ones(25_000_000); time.sleep(1.5)"
+    parent = f"import subprocess, sys; sys.exit(subprocess.run([sys.executable, '-c', {child!r}]).returncode)"
+    out = subprocess.run([sys.executable, str(BENCH / "memory_trace.py"), "--every", "0.1", "--",
+                          sys.executable, "-c", parent], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    peak = float(out.stderr.split("peak summed anonymous ")[1].split(" MiB")[0].replace(",", ""))
+    assert 190 < peak < 400, out.stderr
+    assert out.stderr.count("  pid ") == 2, out.stderr  # parent and child at the peak
