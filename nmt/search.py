@@ -99,6 +99,48 @@ def _forbid(log_probs: torch.Tensor, step: int, min_len: int, never: torch.Tenso
     return eos
 
 
+def _rows_until_eos(model: Seq2Seq, state, limits: torch.Tensor, cfg: SearchConfig, choose,
+                    attention_width: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Decode one hypothesis per row, each row leaving the batch when it ends (greedy, sampling).
+
+    ``choose(log_probs, alive, t)`` picks each row's token from its allowed (N, V) log-probs;
+    ``alive`` maps rows to their original row. Returns the tokens (R, T, EOS included), each
+    row's log-prob as it ended (R,), and with ``attention_width`` S the attention (R, T, S), or
+    None for a model without attention. One host sync per step: which rows go on.
+    """
+    device = limits.device
+    rows, steps = limits.size(0), int(limits.max())
+    never = torch.tensor(NEVER_GENERATED, device=device)
+    alive = torch.arange(rows, device=device)  # original row of each row
+    row_limits = limits  # (N,)
+    tokens = torch.full((rows,), BOS, dtype=torch.long, device=device)  # (N,) last token of each row
+    total = torch.zeros(rows, device=device)  # (N,) cumulative log-probs
+    out = torch.full((rows, steps), EOS, dtype=torch.long, device=device)
+    final = torch.zeros(rows, device=device)
+    attention = torch.zeros(rows, steps, attention_width, device=device) if attention_width else None
+    for t in range(steps):
+        log_probs, state = model.step(tokens, state, attention is not None)  # (N, V)
+        if attention is not None:
+            if state.attention is None:  # a model without attention
+                attention = None
+            else:
+                attention[alive, t] = state.attention
+        eos = _forbid(log_probs, t, cfg.min_len, never)
+        tokens = choose(log_probs, alive, t)
+        at_limit = row_limits <= t + 1  # these rows may only end
+        tokens = tokens.masked_fill(at_limit, EOS)
+        total = total + torch.where(at_limit, eos, log_probs.gather(1, tokens[:, None]).squeeze(1))
+        out[alive, t] = tokens
+        final[alive] = total
+        keep = (tokens != EOS).nonzero().flatten()  # the step's one host sync: who goes on
+        if keep.numel() < alive.numel():
+            if keep.numel() == 0:
+                break
+            alive, tokens, total, row_limits = alive[keep], tokens[keep], total[keep], row_limits[keep]
+            state = state.select(keep, keep)
+    return out, final, attention
+
+
 @torch.no_grad()
 def greedy_search(model: Seq2Seq, src: torch.Tensor, src_lens: torch.Tensor, cfg: SearchConfig,
                   memory: Memory | None = None) -> list[list[Hypothesis]]:
@@ -108,33 +150,9 @@ def greedy_search(model: Seq2Seq, src: torch.Tensor, src_lens: torch.Tensor, cfg
     syncs: the longest limit once, then one per step (which rows go on), and the tokens
     and scores copied out once at the end.
     """
-    device = src.device
-    n = src.size(0)
     limits = max_lengths(src_lens, cfg, model.max_positions)  # (n,)
-    steps = int(limits.max())
     state = model.init_state(model.encode(src, src_lens) if memory is None else memory, beam=1)
-    never = torch.tensor(NEVER_GENERATED, device=device)
-    alive = torch.arange(n, device=device)  # original sentence of each row
-    row_limits = limits  # (N,)
-    tokens = torch.full((n,), BOS, dtype=torch.long, device=device)  # (N,) last token of each row
-    total = torch.zeros(n, device=device)  # (N,) cumulative log-probs
-    out = torch.full((n, steps), EOS, dtype=torch.long, device=device)  # (n, T) tokens, EOS included
-    final = torch.zeros(n, device=device)  # (n,) log-prob of each sentence, as it ended
-    for t in range(steps):
-        log_probs, state = model.step(tokens, state)  # (N, V)
-        eos = _forbid(log_probs, t, cfg.min_len, never)
-        best, tokens = log_probs.max(-1)
-        at_limit = row_limits <= t + 1  # these rows may only end
-        tokens = tokens.masked_fill(at_limit, EOS)
-        total = total + torch.where(at_limit, eos, best)
-        out[alive, t] = tokens
-        final[alive] = total
-        keep = (tokens != EOS).nonzero().flatten()  # the step's one host sync: who goes on
-        if keep.numel() < alive.numel():
-            if keep.numel() == 0:
-                break
-            alive, tokens, total, row_limits = alive[keep], tokens[keep], total[keep], row_limits[keep]
-            state = state.select(keep, keep)
+    out, final, _ = _rows_until_eos(model, state, limits, cfg, lambda log_probs, alive, t: log_probs.argmax(-1))
     alpha = cfg.length_penalty
     out_rows, finals = out.tolist(), final.tolist()
     hyps = []
@@ -425,34 +443,9 @@ def sample_search(model: Seq2Seq, src: torch.Tensor, src_lens: torch.Tensor, cfg
         memory = model.encode(src, src_lens)
     state = model.init_state(memory, beam=1)
     keys = sample_keys(cfg.seed, lines, k, steps)  # (n * k, T)
-    never = torch.tensor(NEVER_GENERATED, device=device)
-    alive = torch.arange(n * k, device=device)  # original row of each row
-    row_limits = limits
-    tokens = torch.full((n * k,), BOS, dtype=torch.long, device=device)
-    total = torch.zeros(n * k, device=device)  # (N,) cumulative log-probs (the model's, untempered)
-    out = torch.full((n * k, steps), EOS, dtype=torch.long, device=device)
-    final = torch.zeros(n * k, device=device)
-    attention = torch.zeros(n * k, steps, src.size(1), device=device) if keep_attention else None  # (n*k, T, S)
-    for t in range(steps):
-        log_probs, state = model.step(tokens, state, attention is not None)  # (N, V)
-        if attention is not None:
-            if state.attention is None:  # a model without attention
-                attention = None
-            else:
-                attention[alive, t] = state.attention
-        eos = _forbid(log_probs, t, cfg.min_len, never)
-        tokens = _draw(log_probs, keys[alive, t], rule, cfg.temperature)
-        at_limit = row_limits <= t + 1
-        tokens = tokens.masked_fill(at_limit, EOS)
-        total = total + torch.where(at_limit, eos, log_probs.gather(1, tokens[:, None]).squeeze(1))
-        out[alive, t] = tokens
-        final[alive] = total
-        keep = (tokens != EOS).nonzero().flatten()  # the step's one host sync
-        if keep.numel() < alive.numel():
-            if keep.numel() == 0:
-                break
-            alive, tokens, total, row_limits = alive[keep], tokens[keep], total[keep], row_limits[keep]
-            state = state.select(keep, keep)
+    out, final, attention = _rows_until_eos(
+        model, state, limits, cfg, lambda log_probs, alive, t: _draw(log_probs, keys[alive, t], rule, cfg.temperature),
+        src.size(1) if keep_attention else 0)
     alpha = cfg.length_penalty
     hyps: list[list[Hypothesis]] = [[] for _ in range(n)]
     for r, (row, log_prob) in enumerate(zip(out.tolist(), final.tolist())):
