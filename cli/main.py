@@ -102,7 +102,7 @@ def train(
     if nproc < 1:
         raise NmtError(f"--nproc {nproc}: give at least 1 process (one per GPU, or CPU ranks)")
     if nproc > 1 and not distributed.launched():
-        distributed.run_torchrun(nproc, _argv_without("--nproc"))
+        distributed.run_torchrun(nproc, rank_main, [_argv_without("--nproc")], preload=["nmt.train", "cli.main"])
         return
     if recipe.is_dir():
         run = run or recipe
@@ -118,6 +118,11 @@ def train(
             result = _evaluate_model(run_dir, src, ref, "best", None)
             typer.echo(f"test {src.name} -> {ref.name}: {result['BLEU']['line']}")
             typer.echo(f"test {src.name} -> {ref.name}: {result['chrF2']['line']}")
+
+
+def rank_main(argv: list[str]) -> None:
+    """One rank of ``nmt train --nproc N``: runs ARGV as ``python -m nmt ARGV`` would."""
+    app(args=argv, prog_name="nmt")
 
 
 def _argv_without(option: str) -> list[str]:

@@ -1,6 +1,6 @@
 """Data-parallel training on torch.distributed, as launched by torchrun.
 
-torchrun (or ``nmt train --nproc N``, which runs torchrun's own entry point in-process)
+torchrun (or ``nmt train --nproc N``, which runs torchrun's own launcher in-process)
 starts one process per device and sets RANK, WORLD_SIZE and LOCAL_RANK. Each process
 calls ``setup()``: NCCL on CUDA, gloo on the CPU, with a collective timeout from the
 recipe instead of the 30-minute default, so a lost peer ends the job instead of hanging it.
@@ -9,6 +9,7 @@ recipe instead of the 30-minute default, so a lost peer ends the job instead of 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -164,23 +165,29 @@ def gather_to_main(ctx: Context, obj, group=None) -> list | None:
     return out
 
 
-def run_torchrun(nproc: int, argv: list[str]) -> None:
-    """Start ``python -m nmt ARGV`` on ``nproc`` local processes with torchrun's launcher.
+def run_torchrun(nproc: int, entrypoint: Callable[..., object], args: Sequence[str],
+                 preload: Sequence[str] = ()) -> None:
+    """Run ``entrypoint(*args)`` on ``nproc`` local processes with torchrun's launcher.
 
     The same elastic agent as ``torchrun --standalone --nproc-per-node N``: a free port on
-    this host, no restarts, and when one rank fails the agent stops the others.
+    this host, no restarts, and when one rank fails the agent stops the others. The ranks are
+    forked from multiprocessing's fork server, a single-threaded process that has imported
+    torch and ``preload`` (modules) once: a rank starts without importing them again and
+    shares the memory that import leaves (about 140 MB per process with torch alone) with the
+    other ranks for as long as none writes to it. ``entrypoint`` must be importable by name.
     """
-    import sys
+    import multiprocessing
     import uuid
 
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    multiprocessing.set_forkserver_preload(["torch", *preload])
     launch = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
-                          monitor_interval=0.5)
+                          monitor_interval=0.5, start_method="forkserver")
     try:
-        elastic_launch(launch, entrypoint=sys.executable)("-u", "-m", "nmt", *argv)
+        elastic_launch(launch, entrypoint)(*args)
     except ChildFailedError as e:  # the failing rank has printed its own reason already
         ranks = ", ".join(str(r) for r in sorted(e.failures)) or "?"
         raise NmtError(f"rank {ranks} of {nproc} failed and the others were stopped; the last "

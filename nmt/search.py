@@ -53,6 +53,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 
 from nmt.models.base import Memory, Seq2Seq
 from nmt.tokenizer import BOS, EOS, PAD, UNK
@@ -218,12 +219,13 @@ class _Finished:
 
 
 def _candidates(log_probs: torch.Tensor, scores: torch.Tensor, at_limit: torch.Tensor, step: int, min_len: int,
-                never: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The best 2k continuations of each sentence over its k beams, best first: their
-    cumulative log-probs, rows (of N) and tokens, each (n, 2k).
+                never: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The best ``count`` continuations of each sentence over its k rows, best first: their
+    cumulative log-probs, rows (of N) and tokens, each (n, count); where there are fewer
+    than ``count`` (k * V, at the first step of a tiny vocabulary), the rest are -inf.
 
     ``log_probs`` (N, V) of target token ``step`` (overwritten: the vocabulary-wide passes
-    run in place), ``scores`` (n, k) the beams' cumulative log-probs, ``at_limit`` (n,) the
+    run in place), ``scores`` (n, k) the rows' cumulative log-probs, ``at_limit`` (n,) the
     sentences that must end at this step.
     """
     n, k = scores.shape
@@ -234,7 +236,10 @@ def _candidates(log_probs: torch.Tensor, scores: torch.Tensor, at_limit: torch.T
     # A row at its limit may only end: every other token gets -inf, EOS its own log-prob.
     total = log_probs.add_(row_scores.masked_fill(row_limit, float("-inf"))[:, None])  # (N, V)
     total[:, EOS] = torch.where(row_limit, eos + row_scores, total[:, EOS])
-    cand_scores, cand = total.view(n, k * vocab).topk(2 * k, dim=-1)  # (n, 2k)
+    cand_scores, cand = total.view(n, k * vocab).topk(min(count, k * vocab), dim=-1)  # (n, count)
+    if cand.size(1) < count:  # the missing ones: -inf, on the sentence's first row, token PAD
+        cand_scores = F.pad(cand_scores, (0, count - cand.size(1)), value=float("-inf"))
+        cand = F.pad(cand, (0, count - cand.size(1)), value=PAD)
     rows = cand // vocab + torch.arange(n, device=cand.device)[:, None] * k
     return cand_scores, rows, cand % vocab
 
@@ -275,7 +280,7 @@ def beam_search(model: Seq2Seq, src: torch.Tensor, src_lens: torch.Tensor, cfg: 
     """The ``cfg.n_best`` best hypotheses of each sentence, best first.
 
     ``memory`` is ``model.encode(src, src_lens)`` when the caller already has it. Rows are
-    sentence-major: row r belongs to alive sentence r // k. Host syncs: the longest limit
+    sentence-major: row r belongs to alive sentence r // k (k = 1 at the first step). Host syncs: the longest limit
     once, one per step (which sentences go on, which decides the shape of the next step),
     and the finished hypotheses copied out once at the end; everything else stays on the
     device.
@@ -287,17 +292,18 @@ def beam_search(model: Seq2Seq, src: torch.Tensor, src_lens: torch.Tensor, cfg: 
     steps = int(limits.max())
     memory = model.encode(src, src_lens) if memory is None else memory
     need_attention = beta > 0 or keep_attention
-    state = model.init_state(memory, beam=k)
+    # All k beams of a sentence are the same before the first token: the first step decodes
+    # one row per sentence, and its 2k best continuations give the k beams (select widens).
+    state = model.init_state(memory, beam=1)
     never = torch.tensor(NEVER_GENERATED, device=device)
     src_mask = memory.mask.float()  # (n_alive, S)
     alive = torch.arange(n, device=device)  # original sentence of each alive sentence
     sent_limits = limits  # (n_alive,)
-    scores = torch.zeros(n, k, device=device)  # (n_alive, k) cumulative log-probs
-    scores[:, 1:] = float("-inf")  # all beams start identical: expand only the first
-    history = torch.full((n * k, steps + 1), PAD, dtype=torch.long, device=device)  # (N, T + 1)
+    scores = torch.zeros(n, 1, device=device)  # (n_alive, rows per sentence) cumulative log-probs
+    history = torch.full((n, steps + 1), PAD, dtype=torch.long, device=device)  # (N, T + 1)
     history[:, 0] = BOS
     coverage = None  # (N, S) attention summed over steps, for the coverage penalty
-    attn_history = torch.zeros(n * k, steps, src.size(1), device=device) if keep_attention else None  # (N, T, S)
+    attn_history = torch.zeros(n, steps, src.size(1), device=device) if keep_attention else None  # (N, T, S)
     finished = _Finished.empty(n, k, steps, src.size(1) if keep_attention else None, device)
 
     for t in range(steps):
@@ -309,7 +315,7 @@ def beam_search(model: Seq2Seq, src: torch.Tensor, src_lens: torch.Tensor, cfg: 
         if attn_history is not None:
             attn_history[:, t] = state.attention
         cand_scores, cand_row, cand_tok = _candidates(log_probs, scores, sent_limits <= t + 1, t, cfg.min_len,
-                                                      never)  # (n_alive, 2k) each
+                                                      never, 2 * k)  # (n_alive, 2k) each
         is_eos = (cand_tok == EOS) & torch.isfinite(cand_scores)
 
         # Finalize the EOS candidates ranked within the beam.

@@ -171,6 +171,20 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+def _shared_dirty_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Shared_Dirty:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _ranks(launcher: int) -> list[int]:
+    """The rank processes of an ``nmt train --nproc N`` job: children of its fork server."""
+    servers = [pid for pid in _children(launcher)
+               if b"forkserver" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    return [rank for server in servers for rank in _children(server)]
+
+
 def test_a_dead_rank_ends_the_job_quickly_and_keeps_the_checkpoint(tmp_path: Path, corpus: Path,
                                                                   trained_run: Path) -> None:
     path = recipe(tmp_path, corpus, trained_run / "spm.model", max_steps=100000, valid_every=3, keep_last=0)
@@ -183,8 +197,13 @@ def test_a_dead_rank_ends_the_job_quickly_and_keeps_the_checkpoint(tmp_path: Pat
         while not (run / "last.pt").exists() and time.time() < deadline and job.poll() is None:
             time.sleep(0.2)
         assert (run / "last.pt").exists(), job.stderr.read() if job.poll() is not None else "no checkpoint"
-        workers = _children(job.pid)
+        deadline = time.time() + 30
+        while len(workers := _ranks(job.pid)) < 2 and time.time() < deadline:
+            time.sleep(0.2)
         assert len(workers) == 2
+        # Forked from a server that imported PyTorch: the memory that import wrote is shared by
+        # the ranks (about 140 MB, which each rank would hold alone if it imported torch itself).
+        assert all(_shared_dirty_mb(pid) > 60 for pid in workers)
         os.kill(workers[1], signal.SIGKILL)
         killed = time.time()
         _, err = job.communicate(timeout=60)

@@ -84,6 +84,27 @@ def test_select_reorders_rows_and_drops_sentences(model) -> None:
     torch.testing.assert_close(c, d[[5, 4, 0, 1]], atol=1e-5, rtol=1e-5)
 
 
+def test_select_widens_a_one_row_state_to_beam_rows(model) -> None:
+    """Beam search decodes the first token once per sentence and then widens to k rows:
+    the widened state decodes as a state made with k rows from the start, sentences
+    leaving it included."""
+    src, lens = batch([4, 6, 5])
+    with torch.no_grad():
+        memory = model.encode(src, lens)
+        _, narrow = model.step(torch.tensor([2, 2, 2]), model.init_state(memory))
+        wide = narrow.select(torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2]))  # 3 rows per sentence
+        _, made = model.step(torch.tensor([2] * 9), model.init_state(memory, beam=3))
+        tokens = torch.tensor([5, 6, 7, 8, 9, 10, 11, 12, 13])
+        a, wide = model.step(tokens, wide, need_attention=True)
+        b, made = model.step(tokens, made, need_attention=True)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(wide.attention, made.attention, atol=1e-5, rtol=1e-5)
+        rows, sentences = torch.tensor([7, 8, 6, 1, 1, 0]), torch.tensor([2, 0])
+        c, _ = model.step(tokens[:6], wide.select(rows, sentences))
+        d, _ = model.step(tokens[:6], made.select(rows, sentences))
+    torch.testing.assert_close(c, d, atol=1e-5, rtol=1e-5)
+
+
 def test_state_is_a_value(model) -> None:
     """Two steps from one state give the same answers as from two copies of it: a step
     never overwrites what an earlier state reads (the Transformer shares its cache)."""

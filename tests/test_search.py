@@ -44,10 +44,12 @@ class TableState:
     def select(self, rows: torch.Tensor, sentences: torch.Tensor | None = None) -> TableState:
         # The contract's row -> sentence map: a reorder keeps rows within their sentence,
         # and when sentences leave, the rows come in order of the sentences kept.
-        k, picked = self.beam, rows.tolist()
-        owner = list(range(len(picked) // k)) if sentences is None else sentences.tolist()  # per new sentence
-        assert len(picked) == k * len(owner)
-        assert all(r // k == owner[i // k] for i, r in enumerate(picked)), "a row left its sentence"
+        # A widening (beam 1 to k rows per sentence) follows the same map.
+        picked = rows.tolist()
+        owner = list(range(len(self.contexts) // self.beam)) if sentences is None else sentences.tolist()
+        k = len(picked) // len(owner)  # rows per new sentence
+        assert k >= 1 and len(picked) == k * len(owner)
+        assert all(r // self.beam == owner[i // k] for i, r in enumerate(picked)), "a row left its sentence"
         attention = None if self.attention is None else self.attention[rows]
         return TableState([self.contexts[i] for i in picked], k, attention)
 
@@ -216,7 +218,7 @@ class EndsAtState:
 
     def select(self, rows: torch.Tensor, sentences: torch.Tensor | None = None) -> EndsAtState:
         ends = self.ends if sentences is None else self.ends[sentences]
-        return EndsAtState(self.inner.select(rows, sentences), ends, self.beam, self.position)
+        return EndsAtState(self.inner.select(rows, sentences), ends, len(rows) // len(ends), self.position)
 
 
 class EndsAt(Wrapped):
@@ -493,7 +495,7 @@ TWO_LENGTHS: Table = {
 
 @pytest.mark.parametrize("beam, rows", [
     (1, [2, 2, 1, 1, 1, 1]),  # greedy: X ends at step 2, then only Y is decoded
-    (2, [4, 4, 2, 2, 2, 2]),  # beam 2: X has two finished hypotheses after step 2
+    (2, [2, 4, 2, 2, 2, 2]),  # beam 2: one row per sentence at first, then 2; X has two finished after step 2
 ])
 def test_finished_sentences_leave_the_batch(beam: int, rows: list[int]) -> None:
     model = TableModel(TWO_LENGTHS)

@@ -12,22 +12,25 @@ Training asks for ``features`` and applies ``logits`` to a slice of target posit
 time (nmt/loss.py), so the (tokens x vocabulary) logits of a whole batch never exist at once.
 
 Sentences and rows. A decoder state decodes ``n`` sentences in ``N = n * beam`` rows, and
-row ``r`` belongs to sentence ``r // beam``, always (``beam`` is fixed by ``init_state``;
-greedy search is beam 1). What is the same for every row of a sentence (the encoder
+row ``r`` belongs to sentence ``r // beam``, always. ``init_state`` sets the first ``beam``
+(greedy search is beam 1) and ``select`` may change it: beam search starts with one row per
+sentence, since all of a sentence's beams are the same before the first token, and widens
+to k rows after the first step. What is the same for every row of a sentence (the encoder
 output, the attention keys and values computed from it, the source mask) is kept once per
 sentence, shape (n, S, ...), and the rows read it through the row -> sentence map, so
 reordering rows never copies it. What differs per row (self-attention caches, LSTM states)
 has N rows.
 
 ``state.select(rows, sentences=None)`` returns the state whose row ``i`` is row
-``rows[i]`` of this one. ``rows`` (N',) is a LongTensor of row indices.
+``rows[i]`` of this one. ``rows`` (N',) is a LongTensor of row indices that holds, for each
+sentence of the new state in order, the same number ``k'`` of rows, all of that sentence;
+``k' = N' / n'`` is the new state's ``beam``.
 
-* Without ``sentences`` the sentences stay as they are (a beam reorder: N' = N, and each
-  row stays within its sentence: ``rows[i] // beam == i // beam``).
+* Without ``sentences`` the sentences stay as they are (n' = n): a beam reorder (k' = beam,
+  ``rows[i] // beam == i // beam``), or a widening of a beam-1 state (``rows[i] == i // k'``).
 * With ``sentences`` (n',), given only when sentences leave the batch, the per-sentence
   tensors are re-indexed too: new sentence ``j`` is old sentence ``sentences[j]``, and
-  ``rows`` must then hold, for each ``j`` in order, ``beam`` rows of old sentence
-  ``sentences[j]`` (N' = n' * beam).
+  ``rows[j * k' : (j + 1) * k']`` are rows of old sentence ``sentences[j]``.
 
 ``step(tokens, state, need_attention)``: ``tokens`` (N,) are the rows' last tokens (BOS at
 the first step). With ``need_attention`` the returned state's ``attention`` is the step's

@@ -113,7 +113,7 @@ class GNMTState:
             keys, memory, mask = (t.index_select(0, sentences) for t in (keys, memory, mask))
         return GNMTState(
             hidden=[(h.index_select(1, rows), c.index_select(1, rows)) for h, c in self.hidden],
-            keys=keys, memory=memory, mask=mask, beam=self.beam,
+            keys=keys, memory=memory, mask=mask, beam=len(rows) // mask.size(0),
             attention=None if self.attention is None else self.attention.index_select(0, rows),
         )
 

@@ -235,7 +235,7 @@ class TransformerState:
             cross_kv = [(k.index_select(0, sentences), v.index_select(0, sentences)) for k, v in cross_kv]
             mask = mask.index_select(0, sentences)
         attention = None if self.attention is None else self.attention.index_select(0, rows)
-        return TransformerState(self.cache.select(rows, self.position), cross_kv, mask, self.beam,
+        return TransformerState(self.cache.select(rows, self.position), cross_kv, mask, len(rows) // mask.size(0),
                                 self.position, attention)
 
 
