@@ -121,7 +121,13 @@ def train(
 
 
 def rank_main(argv: list[str]) -> None:
-    """One rank of ``nmt train --nproc N``: runs ARGV as ``python -m nmt ARGV`` would."""
+    """One rank of ``nmt train --nproc N``: runs ARGV as ``python -m nmt ARGV`` would.
+
+    The rank leaves the terminal's process group, so a Ctrl-C reaches the launcher alone,
+    which hands it on to every rank once: each rank sees one signal, stops after its update
+    in progress, and rank 0 saves (two signals would stop it mid-update, unsaved).
+    """
+    os.setpgid(0, 0)
     app(args=argv, prog_name="nmt")
 
 

@@ -8,6 +8,7 @@ recipe instead of the 30-minute default, so a lost peer ends the job instead of 
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -179,15 +180,24 @@ def run_torchrun(nproc: int, entrypoint: Callable[..., object], args: Sequence[s
     import multiprocessing
     import uuid
 
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     multiprocessing.set_forkserver_preload(["torch", *preload])
+    # The agent hands a signal it gets (Ctrl-C) on to the ranks once, then waits for them to
+    # stop at the end of their update and save, for up to a minute; its own log lines about
+    # that are not the user's business (failures are logged at ERROR, and kept).
+    for name in ["torch.distributed.elastic", *logging.root.manager.loggerDict]:
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.ERROR)
     launch = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
-                          monitor_interval=0.5, start_method="forkserver")
+                          monitor_interval=0.5, start_method="forkserver", shutdown_timeout=60)
     try:
         elastic_launch(launch, entrypoint)(*args)
+    except SignalException as e:  # the ranks have said where they stopped
+        raise KeyboardInterrupt from e
     except ChildFailedError as e:  # the failing rank has printed its own reason already
         ranks = ", ".join(str(r) for r in sorted(e.failures)) or "?"
         raise NmtError(f"rank {ranks} of {nproc} failed and the others were stopped; the last "

@@ -217,6 +217,32 @@ def test_a_dead_rank_ends_the_job_quickly_and_keeps_the_checkpoint(tmp_path: Pat
     assert checkpoint.load(run / "last.pt")["step"] % 3 == 0
 
 
+def test_ctrl_c_stops_every_rank_after_its_update_and_saves_there(tmp_path: Path, corpus: Path,
+                                                                  trained_run: Path) -> None:
+    path = recipe(tmp_path, corpus, trained_run / "spm.model", max_steps=100000, valid_every=3, keep_last=0)
+    run = tmp_path / "run"
+    job = subprocess.Popen([sys.executable, "-m", "nmt", "-q", "train", str(path), "--run", str(run),
+                            "--nproc", "2", "--no-test"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not (run / "last.pt").exists() and time.time() < deadline and job.poll() is None:
+            time.sleep(0.2)
+        assert (run / "last.pt").exists(), job.stderr.read() if job.poll() is not None else "no checkpoint"
+        os.killpg(job.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground group
+        _, err = job.communicate(timeout=90)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    assert job.returncode == 130 and err.splitlines()[-1] == "nmt: interrupted", err
+    assert "Traceback" not in err and "death signal" not in err, err
+    # One signal per rank: both stopped between updates, at the same step, and it was saved.
+    stopped = {int(line.split("interrupted at step ")[1].split(";")[0]) for line in err.splitlines()
+               if "interrupted at step" in line}
+    assert len(stopped) == 1, err
+    assert checkpoint.load(run / "last.pt")["step"] == stopped.pop()
+
+
 def test_taken_rendezvous_port_is_one_clear_error(monkeypatch) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

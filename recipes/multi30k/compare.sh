@@ -19,10 +19,11 @@ SEEDS=${SEEDS:-1}
 BUDGET=${BUDGET:-40}
 OUT=${OUT:-runs/compare}
 DATA=${NMT_DATA:-$HOME/.cache/nmt/data}/multi30k
-# Valid BLEU whose first reaching is timed, per pair: about 85% of what the weaker model of the
-# pair reaches in 40 minutes, so that both reach it inside the budget. TARGETS="en-de=30 ..."
-# overrides some or all of them.
-TARGETS="en-de=30 en-fr=45 en-cs=22 ${TARGETS:-}"
+# Valid BLEU whose first reaching is timed, per pair: a value both models of the pair reach
+# within a 40-minute budget (en-de: 28; the first seeds reached 30.9 and 32.1), so that the
+# report times both. en-fr and en-cs are provisional until their runs exist.
+# TARGETS="en-fr=50 ..." overrides some or all of them.
+TARGETS="en-de=28 en-fr=45 en-cs=22 ${TARGETS:-}"
 AT=${AT:-10,20,30,40}  # training minutes at which the report reads each model's BLEU
 
 target() {  # target PAIR: the last value given for PAIR in TARGETS
