@@ -185,18 +185,26 @@ def _ranks(launcher: int) -> list[int]:
     return [rank for server in servers for rank in _children(server)]
 
 
-def test_a_dead_rank_ends_the_job_quickly_and_keeps_the_checkpoint(tmp_path: Path, corpus: Path,
-                                                                  trained_run: Path) -> None:
+def _job_past_its_first_checkpoint(tmp_path: Path, corpus: Path, trained_run: Path) -> tuple[subprocess.Popen, Path]:
+    """A 2-rank ``nmt train`` job (its own session) that has written ``last.pt``, and its run."""
     path = recipe(tmp_path, corpus, trained_run / "spm.model", max_steps=100000, valid_every=3, keep_last=0)
     run = tmp_path / "run"
     job = subprocess.Popen([sys.executable, "-m", "nmt", "-q", "train", str(path), "--run", str(run),
                             "--nproc", "2", "--no-test"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                           text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    deadline = time.time() + 120
+    while not (run / "last.pt").exists() and time.time() < deadline and job.poll() is None:
+        time.sleep(0.2)
+    if not (run / "last.pt").exists():
+        os.killpg(job.pid, signal.SIGKILL)
+        pytest.fail(job.stderr.read() if job.poll() is not None else "no checkpoint")
+    return job, run
+
+
+def test_a_dead_rank_ends_the_job_quickly_and_keeps_the_checkpoint(tmp_path: Path, corpus: Path,
+                                                                  trained_run: Path) -> None:
+    job, run = _job_past_its_first_checkpoint(tmp_path, corpus, trained_run)
     try:
-        deadline = time.time() + 120
-        while not (run / "last.pt").exists() and time.time() < deadline and job.poll() is None:
-            time.sleep(0.2)
-        assert (run / "last.pt").exists(), job.stderr.read() if job.poll() is not None else "no checkpoint"
         deadline = time.time() + 30
         while len(workers := _ranks(job.pid)) < 2 and time.time() < deadline:
             time.sleep(0.2)
@@ -213,22 +221,14 @@ def test_a_dead_rank_ends_the_job_quickly_and_keeps_the_checkpoint(tmp_path: Pat
         assert "nmt: error:" in err and "failed" in err
     finally:
         if job.poll() is None:
-            job.kill()
+            os.killpg(job.pid, signal.SIGKILL)
     assert checkpoint.load(run / "last.pt")["step"] % 3 == 0
 
 
 def test_ctrl_c_stops_every_rank_after_its_update_and_saves_there(tmp_path: Path, corpus: Path,
                                                                   trained_run: Path) -> None:
-    path = recipe(tmp_path, corpus, trained_run / "spm.model", max_steps=100000, valid_every=3, keep_last=0)
-    run = tmp_path / "run"
-    job = subprocess.Popen([sys.executable, "-m", "nmt", "-q", "train", str(path), "--run", str(run),
-                            "--nproc", "2", "--no-test"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    job, run = _job_past_its_first_checkpoint(tmp_path, corpus, trained_run)
     try:
-        deadline = time.time() + 120
-        while not (run / "last.pt").exists() and time.time() < deadline and job.poll() is None:
-            time.sleep(0.2)
-        assert (run / "last.pt").exists(), job.stderr.read() if job.poll() is not None else "no checkpoint"
         os.killpg(job.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground group
         _, err = job.communicate(timeout=90)
     finally:
