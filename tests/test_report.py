@@ -363,11 +363,21 @@ def test_compare_script_trains_every_pair_and_seed_and_reports_each_pair(tmp_pat
     stub.chmod(0o755)
     env = {**os.environ, "PATH": f"{stub.parent}:{os.environ['PATH']}", "NMT_CALLS": str(tmp_path / "calls"),
            "PAIRS": "en-de en-cs", "SEEDS": "1 2", "BUDGET": "5", "OUT": str(tmp_path / "out")}
+    out = tmp_path / "out"
+    # A finished run kept without its checkpoints (as the committed answer is) is not trained or
+    # evaluated again; one that still has last.pt is resumed.
+    kept, resumed = out / "en-de" / "gnmt-seed2", out / "en-de" / "transformer-seed2"
+    for run in kept, resumed:
+        (run / "eval").mkdir(parents=True)
+        (run / "eval" / "test2016.json").write_text("{}")
+    (resumed / "last.pt").write_bytes(b"")
     subprocess.run(["bash", str(script)], env=env, check=True, capture_output=True)
     calls = (tmp_path / "calls").read_text().splitlines()
     trains = [c for c in calls if c.startswith("train ")]
-    assert len(trains) == 8 and sum("gnmt-en-cs.yaml" in c and "train.seed=2" in c for c in trains) == 1
-    out = tmp_path / "out"
+    assert len(trains) == 7 and sum("gnmt-en-cs.yaml" in c and "train.seed=2" in c for c in trains) == 1
+    assert not [c for c in calls if f"{kept} " in c + " " and not c.startswith("report ")]
+    assert sum(f"{resumed} " in c + " " for c in calls if not c.startswith("report ")) == 2  # train, eval
+    assert f"{kept} " in [c for c in calls if c.startswith("report ")][0]
     # Every run of a pair reads the first Transformer's subwords; the pairs do not share them.
     assert all(f"tokenizer.reuse={out}/en-cs/transformer-seed1" in c for c in trains
                if "/en-cs/" in c and "transformer-seed1 " not in c)
