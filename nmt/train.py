@@ -156,6 +156,10 @@ def prepare_run(cfg: Config, run_dir: Path, write: bool = True) -> tuple[Config,
     run_dir.mkdir(parents=True, exist_ok=True)
     saved_path = run_dir / "config.yaml"
     resume = (run_dir / "last.pt").exists()
+    ended = None if resume else JsonLog(run_dir / "log.jsonl").end_step()
+    if ended is not None:  # starting afresh would write over a finished run's log and recipe
+        raise NmtError(f"{run_dir} holds a run that finished at step {ended} and has no last.pt to go on "
+                       "from; train into a new --run directory (or remove its log.jsonl to start over)")
     if resume and saved_path.exists():
         saved = config.load_recipe(saved_path)
         blocking = [c for c in config.changed_keys(config.to_dict(saved), config.to_dict(cfg))
@@ -307,6 +311,13 @@ class TensorBoard:
             self.by_step = self.by_time = None
 
 
+def _json_or_none(line: str):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
+
+
 class JsonLog:
     def __init__(self, path: Path, enabled: bool = True):
         self.path = path
@@ -323,10 +334,7 @@ class JsonLog:
             return
         kept = []
         for line in self.path.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
+            record = _json_or_none(line)
             if not isinstance(record, dict) or record.get("step", 0) > step:
                 continue
             if record.get("event") == "end":
@@ -334,6 +342,14 @@ class JsonLog:
             else:
                 kept.append(line)
         self.path.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+
+    def end_step(self) -> int | None:
+        """The step of the last ``end`` record, if the log has one (the run finished or stopped)."""
+        if not self.path.exists():
+            return None
+        ends = [r for r in map(_json_or_none, self.path.read_text(encoding="utf-8").splitlines())
+                if isinstance(r, dict) and r.get("event") == "end"]
+        return ends[-1].get("step", 0) if ends else None
 
     def restore_end(self) -> None:
         """Put back the ``end`` record dropped on resuming, for a run that had nothing left to train."""
@@ -866,8 +882,10 @@ def train(cfg: Config, run_dir: Path, progress_bar: bool = True) -> Progress:
         trainer = Trainer(cfg, run_dir, progress_bar=progress_bar, ctx=ctx)
         if resume:
             trainer.resume()
-        elif cfg.init_from is not None:
-            trainer.start_from(cfg.init_from)
+        else:  # what an earlier start wrote before it saved anything is not this run's
+            trainer.log.truncate_after(-1)
+            if cfg.init_from is not None:
+                trainer.start_from(cfg.init_from)
         return trainer.train()
     finally:
         distributed.teardown()

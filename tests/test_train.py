@@ -180,6 +180,31 @@ def test_changed_config_refuses_to_resume(tmp_path: Path, corpus: Path, spm_mode
     assert train(moved, run, progress_bar=False).step == 6
 
 
+def test_a_finished_run_without_checkpoints_is_not_overwritten(tmp_path: Path, corpus: Path, spm_model: str) -> None:
+    run = tmp_path / "run"
+    train(small(corpus, spm_model, max_steps=2, valid_every=0), run, progress_bar=False)
+    for path in run.glob("*.pt"):  # a finished run kept as its records only
+        path.unlink()
+    log = (run / "log.jsonl").read_text()
+    with pytest.raises(NmtError, match=rf"{run} holds a run that finished at step 2 and has no last.pt.*new --run"):
+        train(small(corpus, spm_model, max_steps=4, valid_every=0), run, progress_bar=False)
+    assert (run / "log.jsonl").read_text() == log
+
+
+def test_a_start_that_saved_nothing_is_started_over(tmp_path: Path, corpus: Path, spm_model: str) -> None:
+    run = tmp_path / "run"
+    train(small(corpus, spm_model, max_steps=2, valid_every=0), run, progress_bar=False)
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    # As if it had crashed after logging, before its first checkpoint: no last.pt, no end.
+    (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records if r.get("event") != "end"))
+    for path in run.glob("*.pt"):
+        path.unlink()
+    train(small(corpus, spm_model, max_steps=2, valid_every=0), run, progress_bar=False)
+    again = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r.get("event") for r in again].count("start") == 1
+    assert [r.get("event") for r in again] == [r.get("event") for r in records]
+
+
 def test_training_maps_the_prepared_corpus_and_resume_encodes_nothing(tmp_path: Path, corpus: Path, spm_model: str,
                                                                       monkeypatch) -> None:
     run = tmp_path / "run"
