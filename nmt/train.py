@@ -311,13 +311,6 @@ class TensorBoard:
             self.by_step = self.by_time = None
 
 
-def _json_or_none(line: str):
-    try:
-        return json.loads(line)
-    except json.JSONDecodeError:
-        return None
-
-
 class JsonLog:
     def __init__(self, path: Path, enabled: bool = True):
         self.path = path
@@ -333,9 +326,8 @@ class JsonLog:
         if not self.enabled or not self.path.exists():
             return
         kept = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            record = _json_or_none(line)
-            if not isinstance(record, dict) or record.get("step", 0) > step:
+        for line, record in self._records():
+            if record.get("step", 0) > step:
                 continue
             if record.get("event") == "end":
                 self._dropped_end = line
@@ -345,11 +337,22 @@ class JsonLog:
 
     def end_step(self) -> int | None:
         """The step of the last ``end`` record, if the log has one (the run finished or stopped)."""
-        if not self.path.exists():
-            return None
-        ends = [r for r in map(_json_or_none, self.path.read_text(encoding="utf-8").splitlines())
-                if isinstance(r, dict) and r.get("event") == "end"]
+        ends = [record for _, record in self._records() if record.get("event") == "end"]
         return ends[-1].get("step", 0) if ends else None
+
+    def _records(self) -> list[tuple[str, dict]]:
+        """(line, record) for each readable record; a line cut off by a crash is passed over."""
+        if not self.path.exists():
+            return []
+        found = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict):
+                found.append((line, record))
+        return found
 
     def restore_end(self) -> None:
         """Put back the ``end`` record dropped on resuming, for a run that had nothing left to train."""
