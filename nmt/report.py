@@ -73,6 +73,7 @@ class RunSummary:
     test_chrf_ci: float | None = None
     p_bleu: float | None = None
     p_chrf: float | None = None
+    target: float | None = None  # the valid BLEU that time_to_target_minutes is the time to
     p_baseline: str = ""
     significance_note: str = ""  # "baseline", or why there is no interval or p-value
 
@@ -246,6 +247,7 @@ def summarize(run: Path, target: float | None = None, at: list[float] = ()) -> R
         test_chrf=test["chrF2"]["score"] if test else None,
         test_signature=test["BLEU"]["signature"] if test else "",
         time_to_target_minutes=time_to_target(records, target) if target is not None else None,
+        target=target,
         decode_sent_per_s=test["sentences_per_s"] if test and test.get("beam") == 5 else None,
         tokenizer_sha256=file_sha256(spm) if spm.is_file() else "",
         test_set=(test.get("ref_sha256") or Path(test["ref"]).name) if test else "",
@@ -600,7 +602,7 @@ def _markdown(rows: list[RunSummary], groups: list[SeedGroup] = (), tested: Sign
     num = _num
     head = ["run", "model", "params", "device × ranks", "precision", "batch", "steps", "epochs",
             "train min", "valid min", "tok/s", "best valid BLEU", "test BLEU", "test chrF",
-            "to target (min)", "beam-5 sent/s"]
+            _to_target(rows), "beam-5 sent/s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         flags = (" (fine-tuned)" if r.init_from else "") + ("" if r.status == "finished" else " (unfinished)")
@@ -621,7 +623,7 @@ def _markdown(rows: list[RunSummary], groups: list[SeedGroup] = (), tested: Sign
     if tested is not None and any(r.test_bleu is not None for r in rows):
         lines += _significance_lines(rows, tested, bool(groups))
     if groups:
-        lines += _group_lines(groups, marks)
+        lines += _group_lines(groups, marks, _to_target(rows))
     notes = [f"{r.run}: test BLEU of {r.test_note}" for r in rows if r.test_note]
     if notes:
         lines += ["", "\\* not the recipe's test split with the best checkpoint:", ""] + [f"- {n}" for n in notes]
@@ -671,8 +673,14 @@ def _spread(spread: Spread, of: int, spec: str = ".2f") -> str:
     return text + (f" (n={spread.n})" if spread.n < of else "")
 
 
-def _group_lines(groups: list[SeedGroup], marks: list[str]) -> list[str]:
-    head = ["recipe", "model", "seeds", "best valid BLEU", "test BLEU", "test chrF", "to target (min)",
+def _to_target(rows: list[RunSummary]) -> str:
+    """The time-to-target column's heading, naming the target ("to valid BLEU 28 (min)")."""
+    target = rows[0].target if rows else None
+    return "to target (min)" if target is None else f"to valid BLEU {target:g} (min)"
+
+
+def _group_lines(groups: list[SeedGroup], marks: list[str], to_target: str) -> list[str]:
+    head = ["recipe", "model", "seeds", "best valid BLEU", "test BLEU", "test chrF", to_target,
             "p (BLEU), first seeds", "p (chrF), first seeds"]
     lines = ["", "Seed groups: mean ± sd over the seeds (sample sd; n where fewer seeds have the value):", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

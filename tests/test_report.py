@@ -81,6 +81,8 @@ def test_time_to_target_and_training_time_without_validation(tmp_path: Path) -> 
     assert (row.test_bleu, row.test_chrf, row.decode_sent_per_s) == (30.5, 55.25, 42.0)
     assert (row.ranks, row.precision, row.effective_batch, row.status) == (2, "bf16", 8192, "finished")
     assert report.summarize(make_run(tmp_path, "b"), target=28.0).time_to_target_minutes is None
+    # The table says which target it timed.
+    assert "| to valid BLEU 20 (min) |" in report.render([row], "md")
 
 
 def test_bleu_at_equal_training_times(tmp_path: Path) -> None:
@@ -99,6 +101,7 @@ def test_csv_and_json_parse_back_to_the_same_numbers(tmp_path: Path) -> None:
     assert parsed[0]["valid_bleu_at_10min"] == 22.0
     table = list(csv.DictReader(io.StringIO(report.render(rows, "csv"))))
     assert float(table[0]["time_to_target_minutes"]) == rows[0].time_to_target_minutes
+    assert float(table[0]["target"]) == 20.0 and parsed[1]["target"] == 20.0
     assert float(table[1]["train_minutes"]) == rows[1].train_minutes
     assert float(table[1]["valid_bleu_at_10min"]) == 22.0
 
