@@ -457,7 +457,8 @@ def report(
     at: Annotated[Optional[str], typer.Option(
         help="Training minutes, comma-separated (e.g. 10,20,40,80): best valid BLEU by each.")] = None,
     allow_mixed: Annotated[bool, typer.Option(
-        help="Report runs with different tokenizers, test sets or CPUs.")] = False,
+        help="Report runs with different tokenizers, test sets, CPUs or CPU kinds, and runs resumed on "
+             "another machine.")] = False,
     baseline: Annotated[Optional[str], typer.Option(
         help="The run (name or path) the paired bootstrap p-values compare with; default: the first.")] = None,
     group_seeds: Annotated[bool, typer.Option(
@@ -477,6 +478,25 @@ def report(
     if plot is not None:
         reports.plot(runs, plot, target, speed, found.groups)
         typer.echo(f"plot: {plot}", err=True)
+
+
+@app.command()
+@user_errors
+def hardware(
+    runs: Annotated[Optional[list[Path]], typer.Argument(
+        help="Run directories this machine must match (as nmt report compares them).")] = None,
+):
+    """Print this machine as a run's log records it (CPU, its kind, GPU).
+
+    With runs, exit 1 with one line unless they trained on this machine's kind: check it before
+    adding a run to a comparison, rather than learn it from nmt report hours later.
+    """
+    from nmt.report import check_here
+
+    described, notes = check_here(runs or [])
+    for note in notes:
+        typer.echo(note, err=True)
+    typer.echo(described)
 
 
 @app.command()

@@ -62,6 +62,9 @@ class RunSummary:
     bleu_at: dict[str, float | None] = field(default_factory=dict)
     seed: int | None = None  # the recipe's train.seed
     cpu: str = ""  # what it trained on ("AMD EPYC (2 cores)", a GPU added); "" if the log predates it
+    cpu_kind: str = ""  # the CPU's generation and vector instructions ("family 23 model 1, AVX2"); "" if not logged
+    # Where a resumed run went on training on other hardware than it started on: that hardware; else empty.
+    moved_to: str = ""
     test_hyp: str = ""  # the hypotheses the test result scored, as nmt eval kept them
     test_hyp_sha256: str = ""
     test_ref: str = ""  # the reference file of the test result
@@ -258,6 +261,8 @@ def summarize(run: Path, target: float | None = None, at: list[float] = ()) -> R
         bleu_at={f"{m:g}": bleu_at(records, m) for m in at},
         seed=(cfg.get("train") or {}).get("seed"),
         cpu=_hardware(start),
+        cpu_kind=start.get("cpu_kind", ""),
+        moved_to=_moved_to(start, records),
         test_hyp=str(run / "eval" / test["hyp"]) if test and test.get("hyp") else "",
         test_hyp_sha256=test.get("hyp_sha256", "") if test else "",
         test_ref=test.get("ref", "") if test else "",
@@ -267,6 +272,22 @@ def summarize(run: Path, target: float | None = None, at: list[float] = ()) -> R
 def _hardware(start: dict) -> str:
     """The CPU (and GPU) of a run's start record; "" for a log written before nmt recorded them."""
     return ", ".join(start[key] for key in ("cpu", "gpu") if start.get(key))
+
+
+def _same_machine(a: dict, b: dict) -> bool:
+    """Whether two start/resume records name the same hardware; a kind not logged matches any."""
+    kinds = a.get("cpu_kind"), b.get("cpu_kind")
+    return _hardware(a) == _hardware(b) and (not all(kinds) or kinds[0] == kinds[1])
+
+
+def _moved_to(start: dict, records: list[dict]) -> str:
+    """The hardware of the resumes that ran elsewhere than ``start`` ("" where all ran alike)."""
+    elsewhere = []
+    for r in records:
+        if r["event"] == "resume" and _hardware(r) and not _same_machine(start, r):
+            where = f"{_hardware(r)} [{r['cpu_kind']}]" if r.get("cpu_kind") else _hardware(r)
+            elsewhere += [where] if where not in elsewhere else []
+    return "; ".join(elsewhere)
 
 
 def _origin(cfg: dict) -> str:
@@ -309,14 +330,49 @@ def check_comparable(rows: list[RunSummary]) -> None:
             raise NmtError(f"these runs use different {what} ({listing}), so their numbers do not "
                            "compare; train with tokenizer.reuse / evaluate on the same files, or pass "
                            "--allow-mixed")
+    for row in rows:
+        if row.moved_to:
+            raise NmtError(f"{row.run} started on {_machine(row)} and was resumed on {row.moved_to}, so its "
+                           "training time mixes their speeds; report it alone, or pass --allow-mixed")
     machines: dict[str, list[str]] = {}
     for row in rows:
         if row.cpu:  # a run logged before nmt recorded its CPU compares, with a note
             machines.setdefault(row.cpu, []).append(row.run)
-    if len(machines) > 1:
-        listing = "; ".join(f"{', '.join(names)} on {cpu}" for cpu, names in machines.items())
-        raise NmtError(f"these runs trained on different CPUs or GPUs ({listing}), so their training times "
-                       "do not compare; report them separately, or pass --allow-mixed")
+    kinds: dict[str, list[str]] = {}
+    for row in rows:
+        if row.cpu_kind:  # one logged before nmt recorded the kind is matched on name and cores, with a note
+            kinds.setdefault(_machine(row), []).append(row.run)
+    for found in (machines, kinds):
+        if len(found) > 1:
+            listing = "; ".join(f"{', '.join(names)} on {cpu}" for cpu, names in found.items())
+            raise NmtError(f"these runs trained on different CPUs or GPUs ({listing}), so their training times "
+                           "do not compare; report them separately, or pass --allow-mixed")
+
+
+def check_here(runs: list[Path]) -> tuple[str, list[str]]:
+    """This machine as a run's log records it, checked against the runs' start records before a run
+    is added to them: raises naming the first that trained on other hardware; else returns
+    (this machine, notes on runs whose log names the CPU without its kind, matched on name and cores)."""
+    from nmt.train import hardware, pick_device
+
+    here = hardware(pick_device())
+    described = f"{_hardware(here)} [{here['cpu_kind']}]"
+    notes = []
+    for run in runs:
+        start = next((r for r in read_log(Path(run) / "log.jsonl") if r["event"] == "start"), {})
+        if not _hardware(start) or not start.get("cpu_kind"):
+            notes.append(f"{run}: CPU kind not recorded (logged before nmt recorded it), matched on name and cores "
+                         "only" if _hardware(start) else f"{run}: CPU not recorded, not checked")
+        if _hardware(start) and not _same_machine(start, here):
+            was = f"{_hardware(start)} [{start['cpu_kind']}]" if start.get("cpu_kind") else _hardware(start)
+            raise NmtError(f"{run} trained on {was}, this machine is {described}: a run made here would not "
+                           "compare with it; train on a machine of its kind")
+    return described, notes
+
+
+def _machine(row: RunSummary) -> str:
+    """The run's hardware with its CPU kind: "AMD EPYC (2 cores) [family 23 model 1, AVX2]"."""
+    return f"{row.cpu} [{row.cpu_kind}]" if row.cpu_kind else row.cpu
 
 
 # --- confidence intervals and paired significance -------------------------------------------------
@@ -702,11 +758,18 @@ def _group_lines(groups: list[SeedGroup], marks: list[str], to_target: str) -> l
 
 
 def _hardware_lines(rows: list[RunSummary]) -> list[str]:
-    known = sorted({r.cpu for r in rows if r.cpu})
+    known = sorted({_machine(r) for r in rows if r.cpu})
     unknown = [r.run for r in rows if not r.cpu]
     lines = ["", "Trained on: " + "; ".join(known)] if known else []
     if unknown and len(rows) > 1:
         lines += ["", f"CPU not recorded (logged before nmt recorded it), compared as if alike: {', '.join(unknown)}"]
+    unkinded = [r.run for r in rows if r.cpu and not r.cpu_kind]
+    if unkinded and len(rows) > 1:
+        lines += ["", "CPU kind not recorded (logged before nmt recorded the CPU generation and instruction set), "
+                  f"matched on model name and cores only: {', '.join(unkinded)}"]
+    moved = [f"{r.run} (resumed on {r.moved_to})" for r in rows if r.moved_to]
+    if moved:
+        lines += ["", "Trained on more than one machine: " + "; ".join(moved)]
     return lines
 
 

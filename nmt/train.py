@@ -125,24 +125,57 @@ def pick_device() -> torch.device:
 
 
 def hardware(device: torch.device) -> dict[str, str]:
-    """What a run trained on, for its start record: the CPU model and usable cores, and the GPU on CUDA.
+    """What a run trained on, for its start and resume records: the CPU's model name and usable
+    cores, its kind (``cpu_kind``), and the GPU on CUDA.
 
     nmt report refuses to compare the times of runs trained on different hardware.
     """
     import platform
 
-    name = ""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        pass
-    name = name or platform.processor() or platform.machine() or "unknown CPU"
+    info = _cpuinfo()
+    name = info.get("model name") or platform.processor() or platform.machine() or "unknown CPU"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    found = {"cpu": f"{name} ({cores} cores)"}
+    found = {"cpu": f"{name} ({cores} cores)", "cpu_kind": cpu_kind(info)}
     if device.type == "cuda":
         found["gpu"] = torch.cuda.get_device_name(device)
     return found
+
+
+def _machine(record: dict) -> str:
+    return ", ".join(f"{record[key]}" for key in ("cpu", "cpu_kind", "gpu") if record.get(key))
+
+
+def cpu_kind(info: dict[str, str] | None = None) -> str:
+    """The CPU's generation as /proc/cpuinfo numbers it and the vector instructions torch runs on
+    it: "family 23 model 1, AVX2". A virtual machine may show one model name ("AMD EPYC") for
+    CPU generations years apart, whose speeds differ by a factor of two or more."""
+    import platform
+
+    info = _cpuinfo() if info is None else info
+    if "cpu family" in info:  # x86
+        ident = f"family {info['cpu family']} model {info.get('model', '?')}"
+    elif "CPU part" in info:  # ARM
+        ident = f"implementer {info.get('CPU implementer', '?')} part {info['CPU part']}"
+    else:
+        ident = platform.machine() or "unknown"
+    return f"{ident}, {torch.backends.cpu.get_cpu_capability()}"
+
+
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields in /proc/cpuinfo; empty where there is none."""
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if not line.strip():
+                    if fields:
+                        break
+                    continue
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    return fields
 
 
 # --- the run directory ------------------------------------------------------------------
@@ -353,6 +386,10 @@ class JsonLog:
             if isinstance(record, dict):
                 found.append((line, record))
         return found
+
+    def first(self, event: str) -> dict | None:
+        """The first record of this ``event``, if any."""
+        return next((record for _, record in self._records() if record.get("event") == event), None)
 
     def restore_end(self) -> None:
         """Put back the ``end`` record dropped on resuming, for a run that had nothing left to train."""
@@ -728,6 +765,13 @@ class Trainer:
                            effective_batch_tokens=self.world_size * tc.max_tokens * tc.update_freq,
                            train_pairs=len(self.train_data), corpora=self.corpora_record,
                            **hardware(self.device), step=0)
+        elif self.log.enabled:  # a run continued on another machine mixes two speeds on one clock
+            here = hardware(self.device)
+            self.log.write(event="resume", **here, step=self.state.step)
+            started = self.log.first("start")
+            if started and any(started.get(key) and started[key] != value for key, value in here.items()):
+                log.warning("%s: resumed on %s, started on %s; its training time mixes two machines' speeds",
+                            self.run_dir, _machine(here), _machine(started))
         log.info("model %s: %s parameters; %s training pairs; %d threads on %s", self.cfg.model.kind,
                  f"{count_parameters(self.model):,}", f"{len(self.train_data):,}", torch.get_num_threads(),
                  self.device)

@@ -6,6 +6,7 @@ a two-layer model of width 48 learns in a few hundred updates on the CPU.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 from pathlib import Path
@@ -58,6 +59,21 @@ def tiny_recipe(data_dir: Path, **train) -> dict:
                   "valid_every": 150, "log_every": 50, "threads": 1, "seed": 3, **train},
         "search": {"beam": 3, "max_len_a": 1.2, "max_len_b": 5},
     }
+
+
+@pytest.fixture
+def nmt_log(caplog):
+    """caplog that sees each record of the "nmt" logger once, also after a CLI test stopped the
+    logger propagating to caplog's root handler."""
+    logger = logging.getLogger("nmt")
+    propagate = logger.propagate
+    logger.addHandler(caplog.handler)
+    logger.propagate = False
+    try:
+        yield caplog
+    finally:
+        logger.removeHandler(caplog.handler)
+        logger.propagate = propagate
 
 
 @pytest.fixture(scope="session", autouse=True)

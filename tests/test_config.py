@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import pytest
@@ -137,12 +136,7 @@ def test_empty_recipe_file_is_refused(tmp_path: Path, text: str) -> None:
         config.load_recipe(path, ["train.lr=1e-3"])
 
 
-def test_defaulted_sections_are_named(tmp_path: Path, caplog) -> None:
-    logger = logging.getLogger("nmt")
-    logger.addHandler(caplog.handler)  # the CLI may have stopped "nmt" from propagating
-    try:
-        with caplog.at_level("INFO", logger="nmt"):
-            config.load_recipe(write(tmp_path, {"model": {"kind": "transformer"}, "train": {"lr": 1e-3}}))
-    finally:
-        logger.removeHandler(caplog.handler)
-    assert "no data, tokenizer, search section" in caplog.text
+def test_defaulted_sections_are_named(tmp_path: Path, nmt_log) -> None:
+    with nmt_log.at_level("INFO", logger="nmt"):
+        config.load_recipe(write(tmp_path, {"model": {"kind": "transformer"}, "train": {"lr": 1e-3}}))
+    assert "no data, tokenizer, search section" in nmt_log.text

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import random
 import stat
@@ -63,17 +62,12 @@ def test_invalid_utf8_names_file_and_line(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("policy, second", [("replace", "caf\ufffd"), ("skip-empty", "")])
-def test_bad_line_policies_keep_every_line(policy: str, second: str, caplog) -> None:
+def test_bad_line_policies_keep_every_line(policy: str, second: str, nmt_log) -> None:
     data = b"one\ncaf\xe9\r\nthree\n"
-    logger = logging.getLogger("nmt")
-    logger.addHandler(caplog.handler)  # the CLI may have stopped "nmt" from propagating
-    try:
-        with caplog.at_level("WARNING", logger="nmt"):
-            lines = decode_lines(data, "in.en", policy)
-    finally:
-        logger.removeHandler(caplog.handler)
+    with nmt_log.at_level("WARNING", logger="nmt"):
+        lines = decode_lines(data, "in.en", policy)
     assert lines == ["one", second, "three"]
-    assert "in.en:2: invalid UTF-8" in caplog.text and "in.en:1" not in caplog.text
+    assert "in.en:2: invalid UTF-8" in nmt_log.text and "in.en:1" not in nmt_log.text
     with pytest.raises(NmtError, match=r"in.en:2: invalid UTF-8"):
         decode_lines(data, "in.en")
 
@@ -89,18 +83,13 @@ def test_crlf_and_bom_are_not_part_of_lines(tmp_path: Path) -> None:
     assert read_lines(path) == ["one", "two"]
 
 
-def test_empty_and_overlong_pairs_dropped_and_counted(tmp_path: Path, tokenizer, caplog) -> None:
+def test_empty_and_overlong_pairs_dropped_and_counted(tmp_path: Path, tokenizer, nmt_log) -> None:
     (tmp_path / "t.en").write_text("one two\n\nred dog\n" + "cat " * 2500 + "\nbig house\n", encoding="utf-8")
     (tmp_path / "t.de").write_text("eins zwei\nleer\n\nKatze\ngroß Haus\n", encoding="utf-8")
-    logger = logging.getLogger("nmt")
-    logger.addHandler(caplog.handler)  # the CLI may have stopped "nmt" from propagating
-    try:
-        with caplog.at_level("INFO", logger="nmt"):
-            data = load_parallel(tmp_path / "t.en", tmp_path / "t.de", tokenizer, max_len=50)
-    finally:
-        logger.removeHandler(caplog.handler)
+    with nmt_log.at_level("INFO", logger="nmt"):
+        data = load_parallel(tmp_path / "t.en", tmp_path / "t.de", tokenizer, max_len=50)
     assert data.index == [0, 4]
-    assert "2 dropped as empty, 1 dropped as longer than 50" in caplog.text
+    assert "2 dropped as empty, 1 dropped as longer than 50" in nmt_log.text
 
 
 # --- files on disk

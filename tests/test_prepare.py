@@ -63,17 +63,9 @@ def small_chunks(monkeypatch, tmp_path):
 
 
 @pytest.fixture
-def log_records(caplog):
-    logger = logging.getLogger("nmt")
-    own = not logger.propagate  # the CLI stops "nmt" from propagating to caplog's root handler
-    if own:
-        logger.addHandler(caplog.handler)
-    try:
-        with caplog.at_level("INFO", logger="nmt"):
-            yield caplog
-    finally:
-        if own:
-            logger.removeHandler(caplog.handler)
+def log_records(nmt_log):
+    with nmt_log.at_level("INFO", logger="nmt"):
+        yield nmt_log
 
 
 def assert_same_pairs(corpus: PreparedCorpus, src: Path, tgt: Path, tokenizer: Tokenizer) -> None:

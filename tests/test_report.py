@@ -22,13 +22,15 @@ runner = CliRunner()
 
 def make_run(root: Path, name: str, kind: str = "transformer", finished: bool = True, spm: bytes = b"spm-A",
              ref: str | None = None, seed: int = 1, valid: tuple[float, float, float] = (10.0, 22.0, 27.0),
-             test_bleu: float = 30.5, cpu: str | None = "AMD EPYC (2 cores)", train: dict | None = None) -> Path:
+             test_bleu: float = 30.5, cpu: str | None = "AMD EPYC (2 cores)", train: dict | None = None,
+             cpu_kind: str | None = None, resumed_on: dict | None = None) -> Path:
     """A run whose valid BLEU goes 10 -> 22 -> 27 (or ``valid``) at 5, 10, 15 training minutes (best.pt: step 300).
 
     Its recipe (named after ``kind``, with ``train.seed`` = ``seed`` and ``train``'s keys) has the
     test split ``root/data/test2016`` (written by the first run of ``root``), evaluated with best.pt
     at beam 5 (BLEU ``test_bleu``); ``ref`` replaces the reference's sha256 in that record. ``cpu``:
-    the start record's CPU, None for a log written before nmt recorded it.
+    the start record's CPU, None for a log written before nmt recorded it; ``cpu_kind`` likewise.
+    ``resumed_on``: the hardware of a resume record at step 200.
     """
     run = root / name
     (run / "eval").mkdir(parents=True)
@@ -43,12 +45,15 @@ def make_run(root: Path, name: str, kind: str = "transformer", finished: bool = 
     (run / "config.yaml").write_text(yaml.safe_dump(recipe), encoding="utf-8")
     (run / "spm.model").write_bytes(spm)
     records = [{"event": "start", "step": 0, "params": 1234, "device": "cpu", "world_size": 2,
-                "precision": "bf16", "effective_batch_tokens": 8192, **({"cpu": cpu} if cpu else {})}]
+                "precision": "bf16", "effective_batch_tokens": 8192, **({"cpu": cpu} if cpu else {}),
+                **({"cpu_kind": cpu_kind} if cpu_kind else {})}]
     for i, (bleu, tok_s) in enumerate(zip(valid, [900.0, 1100.0, 1000.0]), 1):
         records.append({"event": "train", "step": 100 * i, "epoch": i, "loss": 3.0, "tokens_per_s": tok_s,
                         "train_seconds": 300.0 * i, "valid_seconds": 20.0 * (i - 1)})
         records.append({"event": "valid", "step": 100 * i, "epoch": i, "valid_bleu": bleu,
                         "train_seconds": 300.0 * i, "valid_seconds": 20.0 * i})
+        if resumed_on and i == 2:
+            records.append({"event": "resume", "step": 200, **resumed_on})
     if finished:
         records.append({"event": "end", "step": 300, "train_seconds": 900.0, "valid_seconds": 60.0})
     (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
@@ -265,6 +270,8 @@ def test_a_run_records_the_cpu_it_trained_on(trained_run: Path) -> None:
 
     start = report.read_log(trained_run / "log.jsonl")[0]
     assert start["event"] == "start" and start["cpu"] == hardware(torch.device("cpu"))["cpu"]
+    assert start["cpu_kind"] == hardware(torch.device("cpu"))["cpu_kind"]
+    assert start["cpu_kind"].endswith(torch.backends.cpu.get_cpu_capability())
     assert report.summarize(trained_run).cpu == start["cpu"] and "cores)" in start["cpu"]
 
 
@@ -279,6 +286,59 @@ def test_runs_on_different_cpus_are_refused_unless_mixed_is_allowed(tmp_path: Pa
     old = make_run(tmp_path, "old", cpu=None)  # logged before the CPU was recorded: compared, with a note
     result = runner.invoke(app, ["report", str(a), str(old)])
     assert result.exit_code == 0 and "CPU not recorded" in result.stdout and ": old" in result.stdout
+
+
+def test_one_cpu_name_over_two_cpu_kinds_is_refused(tmp_path: Path) -> None:
+    """A virtual machine may call two CPU generations "AMD EPYC": the kind tells them apart."""
+    zen1 = make_run(tmp_path, "zen1", cpu_kind="family 23 model 1, AVX2")
+    zen4 = make_run(tmp_path, "zen4", cpu_kind="family 25 model 17, AVX512")
+    refused = runner.invoke(app, ["report", str(zen1), str(zen4)])
+    assert refused.exit_code == 1 and len(refused.stderr.strip().splitlines()) == 1
+    assert ("zen1 on AMD EPYC (2 cores) [family 23 model 1, AVX2]; zen4 on AMD EPYC (2 cores) "
+            "[family 25 model 17, AVX512]") in refused.stderr
+    same = make_run(tmp_path, "zen4b", cpu_kind="family 25 model 17, AVX512")
+    alike = runner.invoke(app, ["report", str(zen4), str(same)])
+    assert alike.exit_code == 0 and "Trained on: AMD EPYC (2 cores) [family 25 model 17, AVX512]\n" in alike.stdout
+    assert "not recorded" not in alike.stdout
+    old = make_run(tmp_path, "old")  # logged the name and cores only: matched on them, with a note
+    result = runner.invoke(app, ["report", str(zen4), str(old)])
+    assert result.exit_code == 0
+    assert "CPU kind not recorded" in result.stdout and "cores only: old" in result.stdout
+    assert report.compare([zen4, old]).rows[0].cpu_kind == "family 25 model 17, AVX512"
+    parsed = json.loads(runner.invoke(app, ["report", str(zen4), str(same), "--format", "json"]).stdout)
+    assert [row["cpu_kind"] for row in parsed] == ["family 25 model 17, AVX512"] * 2
+
+
+def test_a_run_resumed_on_another_cpu_kind_is_refused(tmp_path: Path) -> None:
+    kind = "family 25 model 17, AVX512"
+    moved = make_run(tmp_path, "moved", cpu_kind=kind,
+                     resumed_on={"cpu": "AMD EPYC (2 cores)", "cpu_kind": "family 23 model 1, AVX2"})
+    stayed = make_run(tmp_path, "stayed", cpu_kind=kind, resumed_on={"cpu": "AMD EPYC (2 cores)", "cpu_kind": kind})
+    assert report.summarize(stayed).moved_to == ""
+    assert report.summarize(moved).moved_to == "AMD EPYC (2 cores) [family 23 model 1, AVX2]"
+    refused = runner.invoke(app, ["report", str(stayed), str(moved)])
+    assert refused.exit_code == 1 and len(refused.stderr.strip().splitlines()) == 1
+    assert "moved started on AMD EPYC (2 cores) [family 25 model 17, AVX512] and was resumed on AMD EPYC " \
+        "(2 cores) [family 23 model 1, AVX2]" in refused.stderr
+    allowed = runner.invoke(app, ["report", str(stayed), str(moved), "--allow-mixed"])
+    assert allowed.exit_code == 0 and "Trained on more than one machine: moved (resumed on" in allowed.stdout
+
+
+def test_nmt_hardware_checks_this_machine_against_runs(tmp_path: Path) -> None:
+    from nmt.train import hardware, pick_device
+
+    here = hardware(pick_device())
+    name = ", ".join(here[key] for key in ("cpu", "gpu") if key in here)
+    same = make_run(tmp_path, "same", cpu=name, cpu_kind=here["cpu_kind"])
+    other = make_run(tmp_path, "other", cpu=name, cpu_kind="family 0 model 0, NONE")
+    old = make_run(tmp_path, "old", cpu=name)
+    ok = runner.invoke(app, ["hardware", str(same), str(old)])
+    assert ok.exit_code == 0 and ok.stdout.strip() == f"{name} [{here['cpu_kind']}]"
+    assert ok.stderr.strip() == f"{old}: CPU kind not recorded (logged before nmt recorded it), matched on name " \
+        "and cores only"
+    refused = runner.invoke(app, ["hardware", str(same), str(other)])
+    assert refused.exit_code == 1 and len(refused.stderr.strip().splitlines()) == 1
+    assert f"{other} trained on {name} [family 0 model 0, NONE], this machine is {name}" in refused.stderr
 
 
 def seed_runs(root: Path) -> list[Path]:

@@ -165,6 +165,26 @@ def test_interrupted_run_saves_and_resumes(tmp_path: Path, corpus: Path, spm_mod
     assert train(small(corpus, spm_model), run, progress_bar=False).step == 16
 
 
+def test_a_resume_records_its_machine_and_warns_when_it_differs(tmp_path: Path, corpus: Path, spm_model: str,
+                                                                monkeypatch, nmt_log) -> None:
+    import nmt.train as trainer_module
+    from nmt import report
+
+    run = tmp_path / "run"
+    train(small(corpus, spm_model, max_steps=2, valid_every=0), run, progress_bar=False)
+    here = trainer_module.hardware(torch.device("cpu"))
+    elsewhere = {**here, "cpu_kind": "family 1 model 1, DEFAULT"}
+    monkeypatch.setattr(trainer_module, "hardware", lambda device: elsewhere)
+    with nmt_log.at_level("WARNING", logger="nmt"):
+        train(small(corpus, spm_model, max_steps=4, valid_every=0), run, progress_bar=False)
+    resume = next(r for r in read_log(run) if r["event"] == "resume")
+    assert resume["step"] == 2 and resume["cpu_kind"] == "family 1 model 1, DEFAULT"
+    assert "resumed on" in nmt_log.text and "mixes two machines" in nmt_log.text
+    assert report.summarize(run).moved_to.endswith("[family 1 model 1, DEFAULT]")
+    with pytest.raises(NmtError, match="was resumed on .*mixes their speeds"):
+        report.compare([run])
+
+
 def test_changed_config_refuses_to_resume(tmp_path: Path, corpus: Path, spm_model: str) -> None:
     run = tmp_path / "run"
     train(small(corpus, spm_model, max_steps=2, valid_every=0), run, progress_bar=False)

@@ -25,10 +25,15 @@ OUT=${OUT:-recipes/multi30k/results}
 DATA=${NMT_DATA:-$HOME/.cache/nmt/data}/multi30k
 # Valid BLEU whose first reaching is timed, per pair: a value both models of the pair reach
 # within a 40-minute budget, so that the report times both (seed 1 reached, Transformer and GNMT:
-# en-de 31.4 and 33.1, en-fr 47.6 and 49.1). en-cs is provisional until its runs exist.
+# en-de 31.4 and 33.1, en-fr 47.6 and 49.1, en-cs 25.2 and 25.9).
 # TARGETS="en-fr=50 ..." overrides some or all of them.
 TARGETS="en-de=28 en-fr=45 en-cs=22 ${TARGETS:-}"
 AT=${AT:-10,20,30,40}  # training minutes at which the report reads each model's BLEU
+# Before it trains anything for a pair, the script checks this machine against the pair's runs so
+# far (nmt hardware) and stops if they trained on another CPU kind. KIND (a part of what
+# `nmt hardware` prints, e.g. AVX512) also requires it of this machine: the runs in results/ were
+# logged before nmt recorded CPU kinds and trained where torch reports AVX512.
+KIND=${KIND:-}
 
 target() {  # target PAIR: the last value given for PAIR in TARGETS
     local t="" kv
@@ -52,12 +57,20 @@ for pair in $PAIRS; do
     done
     dir=$OUT/$pair
     shared=$dir/transformer-seed$first  # its SentencePiece model serves every run of the pair
+    checked=""
     for seed in "${seeds[@]}"; do
         for model in transformer gnmt; do
             run=$dir/$model-seed$seed
             if [ ! -f "$run/last.pt" ] && compgen -G "$run/eval/*.json" >/dev/null; then
                 echo "compare.sh: $run is kept as recorded (scores, no last.pt to go on from)" >&2
                 continue
+            fi
+            if [ -z "$checked" ]; then  # once per pair, before its first training
+                made=()
+                for r in "$dir"/*-seed*/; do [ -f "$r/log.jsonl" ] && made+=("${r%/}"); done
+                here=$(nmt hardware ${made[@]+"${made[@]}"})
+                case "$here" in *"$KIND"*) ;; *) echo "compare.sh: this machine is $here, not $KIND" >&2; exit 1;; esac
+                checked=1
             fi
             reuse=()
             [ "$run" = "$shared" ] || reuse=(--set tokenizer.reuse="$shared")
