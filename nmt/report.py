@@ -274,6 +274,11 @@ def _hardware(start: dict) -> str:
     return ", ".join(start[key] for key in ("cpu", "gpu") if start.get(key))
 
 
+def describe_hardware(record: dict) -> str:
+    """A start or resume record's hardware in one phrase: "AMD EPYC (2 cores) [family 23 model 1, AVX2]"."""
+    return f"{_hardware(record)} [{record['cpu_kind']}]" if record.get("cpu_kind") else _hardware(record)
+
+
 def _same_machine(a: dict, b: dict) -> bool:
     """Whether two start/resume records name the same hardware; a kind not logged matches any."""
     kinds = a.get("cpu_kind"), b.get("cpu_kind")
@@ -285,7 +290,7 @@ def _moved_to(start: dict, records: list[dict]) -> str:
     elsewhere = []
     for r in records:
         if r["event"] == "resume" and _hardware(r) and not _same_machine(start, r):
-            where = f"{_hardware(r)} [{r['cpu_kind']}]" if r.get("cpu_kind") else _hardware(r)
+            where = describe_hardware(r)
             elsewhere += [where] if where not in elsewhere else []
     return "; ".join(elsewhere)
 
@@ -356,7 +361,7 @@ def check_here(runs: list[Path]) -> tuple[str, list[str]]:
     from nmt.train import hardware, pick_device
 
     here = hardware(pick_device())
-    described = f"{_hardware(here)} [{here['cpu_kind']}]"
+    described = describe_hardware(here)
     notes = []
     for run in runs:
         start = next((r for r in read_log(Path(run) / "log.jsonl") if r["event"] == "start"), {})
@@ -364,15 +369,14 @@ def check_here(runs: list[Path]) -> tuple[str, list[str]]:
             notes.append(f"{run}: CPU kind not recorded (logged before nmt recorded it), matched on name and cores "
                          "only" if _hardware(start) else f"{run}: CPU not recorded, not checked")
         if _hardware(start) and not _same_machine(start, here):
-            was = f"{_hardware(start)} [{start['cpu_kind']}]" if start.get("cpu_kind") else _hardware(start)
-            raise NmtError(f"{run} trained on {was}, this machine is {described}: a run made here would not "
-                           "compare with it; train on a machine of its kind")
+            raise NmtError(f"{run} trained on {describe_hardware(start)}, this machine is {described}: a run "
+                           "made here would not compare with it; train on a machine of its kind")
     return described, notes
 
 
 def _machine(row: RunSummary) -> str:
     """The run's hardware with its CPU kind: "AMD EPYC (2 cores) [family 23 model 1, AVX2]"."""
-    return f"{row.cpu} [{row.cpu_kind}]" if row.cpu_kind else row.cpu
+    return describe_hardware({"cpu": row.cpu, "cpu_kind": row.cpu_kind})
 
 
 # --- confidence intervals and paired significance -------------------------------------------------

@@ -141,10 +141,6 @@ def hardware(device: torch.device) -> dict[str, str]:
     return found
 
 
-def _machine(record: dict) -> str:
-    return ", ".join(f"{record[key]}" for key in ("cpu", "cpu_kind", "gpu") if record.get(key))
-
-
 def cpu_kind(info: dict[str, str] | None = None) -> str:
     """The CPU's generation as /proc/cpuinfo numbers it and the vector instructions torch runs on
     it: "family 23 model 1, AVX2". A virtual machine may show one model name ("AMD EPYC") for
@@ -766,12 +762,14 @@ class Trainer:
                            train_pairs=len(self.train_data), corpora=self.corpora_record,
                            **hardware(self.device), step=0)
         elif self.log.enabled:  # a run continued on another machine mixes two speeds on one clock
+            from nmt.report import describe_hardware
+
             here = hardware(self.device)
             self.log.write(event="resume", **here, step=self.state.step)
             started = self.log.first("start")
             if started and any(started.get(key) and started[key] != value for key, value in here.items()):
                 log.warning("%s: resumed on %s, started on %s; its training time mixes two machines' speeds",
-                            self.run_dir, _machine(here), _machine(started))
+                            self.run_dir, describe_hardware(here), describe_hardware(started))
         log.info("model %s: %s parameters; %s training pairs; %d threads on %s", self.cfg.model.kind,
                  f"{count_parameters(self.model):,}", f"{len(self.train_data):,}", torch.get_num_threads(),
                  self.device)
