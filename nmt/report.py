@@ -279,7 +279,7 @@ def describe_hardware(record: dict) -> str:
     return f"{_hardware(record)} [{record['cpu_kind']}]" if record.get("cpu_kind") else _hardware(record)
 
 
-def _same_machine(a: dict, b: dict) -> bool:
+def same_machine(a: dict, b: dict) -> bool:
     """Whether two start/resume records name the same hardware; a kind not logged matches any."""
     kinds = a.get("cpu_kind"), b.get("cpu_kind")
     return _hardware(a) == _hardware(b) and (not all(kinds) or kinds[0] == kinds[1])
@@ -289,7 +289,7 @@ def _moved_to(start: dict, records: list[dict]) -> str:
     """The hardware of the resumes that ran elsewhere than ``start`` ("" where all ran alike)."""
     elsewhere = []
     for r in records:
-        if r["event"] == "resume" and _hardware(r) and not _same_machine(start, r):
+        if r["event"] == "resume" and _hardware(r) and not same_machine(start, r):
             where = describe_hardware(r)
             elsewhere += [where] if where not in elsewhere else []
     return "; ".join(elsewhere)
@@ -368,7 +368,7 @@ def check_here(runs: list[Path]) -> tuple[str, list[str]]:
         if not _hardware(start) or not start.get("cpu_kind"):
             notes.append(f"{run}: CPU kind not recorded (logged before nmt recorded it), matched on name and cores "
                          "only" if _hardware(start) else f"{run}: CPU not recorded, not checked")
-        if _hardware(start) and not _same_machine(start, here):
+        if _hardware(start) and not same_machine(start, here):
             raise NmtError(f"{run} trained on {describe_hardware(start)}, this machine is {described}: a run "
                            "made here would not compare with it; train on a machine of its kind")
     return described, notes

@@ -141,13 +141,12 @@ def hardware(device: torch.device) -> dict[str, str]:
     return found
 
 
-def cpu_kind(info: dict[str, str] | None = None) -> str:
-    """The CPU's generation as /proc/cpuinfo numbers it and the vector instructions torch runs on
-    it: "family 23 model 1, AVX2". A virtual machine may show one model name ("AMD EPYC") for
+def cpu_kind(info: dict[str, str]) -> str:
+    """The CPU's generation as /proc/cpuinfo (``info``) numbers it and the vector instructions torch
+    runs on it: "family 23 model 1, AVX2". A virtual machine may show one model name ("AMD EPYC") for
     CPU generations years apart, whose speeds differ by a factor of two or more."""
     import platform
 
-    info = _cpuinfo() if info is None else info
     if "cpu family" in info:  # x86
         ident = f"family {info['cpu family']} model {info.get('model', '?')}"
     elif "CPU part" in info:  # ARM
@@ -762,12 +761,12 @@ class Trainer:
                            train_pairs=len(self.train_data), corpora=self.corpora_record,
                            **hardware(self.device), step=0)
         elif self.log.enabled:  # a run continued on another machine mixes two speeds on one clock
-            from nmt.report import describe_hardware
+            from nmt.report import describe_hardware, same_machine
 
             here = hardware(self.device)
             self.log.write(event="resume", **here, step=self.state.step)
             started = self.log.first("start")
-            if started and any(started.get(key) and started[key] != value for key, value in here.items()):
+            if started and started.get("cpu") and not same_machine(started, here):
                 log.warning("%s: resumed on %s, started on %s; its training time mixes two machines' speeds",
                             self.run_dir, describe_hardware(here), describe_hardware(started))
         log.info("model %s: %s parameters; %s training pairs; %d threads on %s", self.cfg.model.kind,
