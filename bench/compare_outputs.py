@@ -27,7 +27,10 @@ CHILD = r"""
 import dataclasses, json, sys, time
 import torch
 import nmt
-from nmt.checkpoint import load_run
+try:
+    from nmt.rundir import load_run
+except ImportError:  # a tree from before nmt.rundir, whose checkpoint module loaded runs
+    from nmt.checkpoint import load_run
 from nmt.translate import translate
 
 job = json.loads(sys.argv[1])

@@ -31,9 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import count_flops, decoder_matmul_shapes, describe_machine, matmul_rates_at, median  # noqa: E402
 
 from nmt import config  # noqa: E402
-from nmt.checkpoint import load_run  # noqa: E402
 from nmt.data import read_lines  # noqa: E402
-from nmt.evaluate import bleu  # noqa: E402
+from nmt.metrics import bleu  # noqa: E402
+from nmt.rundir import load_run  # noqa: E402
 from nmt.translate import translate  # noqa: E402
 
 

@@ -26,7 +26,7 @@ from common import describe_machine  # noqa: E402
 
 from nmt.data import read_parallel  # noqa: E402
 from nmt.ensemble import load_ensemble  # noqa: E402
-from nmt.evaluate import bleu, chrf  # noqa: E402
+from nmt.metrics import bleu, chrf  # noqa: E402
 from nmt.translate import translate_text  # noqa: E402
 
 

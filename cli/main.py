@@ -94,7 +94,7 @@ def train(
     started (init_from), and `nmt train NEW` resumes it like any run. RUN is only read.
     """
     from nmt import config, distributed
-    from nmt.train import fine_tune
+    from nmt.rundir import fine_tune
     from nmt.train import train as run_training
 
     if init_from is None and (checkpoint is not None or keep_optimizer):
@@ -104,9 +104,7 @@ def train(
     if nproc > 1 and not distributed.launched():
         distributed.run_torchrun(nproc, rank_main, [_argv_without("--nproc")], preload=["nmt.train", "cli.main"])
         return
-    if recipe.is_dir():
-        run = run or recipe
-        recipe = recipe / "config.yaml"
+    recipe, run = _recipe_of(recipe, run)
     cfg = config.load_recipe(recipe, set_ or [])
     if init_from is not None:
         cfg = fine_tune(cfg, init_from, checkpoint or "best", keep_optimizer)
@@ -118,6 +116,15 @@ def train(
             result = _evaluate_model(run_dir, src, ref, "best", None)
             typer.echo(f"test {src.name} -> {ref.name}: {result['BLEU']['line']}")
             typer.echo(f"test {src.name} -> {ref.name}: {result['chrF2']['line']}")
+
+
+def _recipe_of(recipe: Path, run: Path | None) -> tuple[Path, Path | None]:
+    """(recipe file, run directory) of a command given a recipe, or a run directory to go on with."""
+    from nmt.rundir import CONFIG_FILE
+
+    if recipe.is_dir():
+        return recipe / CONFIG_FILE, run or recipe
+    return recipe, run
 
 
 def rank_main(argv: list[str]) -> None:
@@ -163,14 +170,12 @@ def prepare(
     by corpus, with the pairs each gives an epoch (round(weight * pairs)).
     """
     from nmt import config
-    from nmt.prepare import describe, prepare_run
+    from nmt.prepare import describe, prepare_recipe
 
-    if recipe.is_dir():
-        run = run or recipe
-        recipe = recipe / "config.yaml"
+    recipe, run = _recipe_of(recipe, run)
     cfg = config.load_recipe(recipe, set_ or [])
-    tokenizer, timings, reports = prepare_run(cfg, run or Path("runs") / cfg.name,
-                                              progress=progress and sys.stderr.isatty())
+    tokenizer, timings, reports = prepare_recipe(cfg, run or Path("runs") / cfg.name,
+                                                 progress=progress and sys.stderr.isatty())
     typer.echo(describe(tokenizer, timings, reports))
 
 
@@ -286,7 +291,7 @@ def translate(
     """
     from nmt.data import ON_BAD_LINE, InvalidUtf8
     from nmt.ensemble import load_ensemble
-    from nmt.train import pick_device
+    from nmt.hardware import pick_device
     from nmt.translate import read_chunks, translate_stream
     from nmt.translate import translate as run_translate
 
@@ -347,9 +352,9 @@ def score(
     (EOS included), its token count and the mean per token, tab-separated, in input order."""
     import json
 
-    from nmt.checkpoint import load_run
+    from nmt.hardware import pick_device
+    from nmt.rundir import load_run
     from nmt.score import score_files
-    from nmt.train import pick_device
 
     _check_counts(batch_size=batch_size)
     cfg, tokenizer, net = load_run(model, checkpoint, pick_device(), int8=False)  # the model's own scores
@@ -366,16 +371,16 @@ def score(
 def _evaluate_model(run_dir: list[Path], src: Path, ref: Path, checkpoint: str, beam: Optional[int],
                     int8: Optional[bool] = None, stop: Optional[str] = None) -> dict:
     from nmt.evaluate import evaluate_run
-    from nmt.train import pick_device
+    from nmt.hardware import pick_device
 
     return evaluate_run(run_dir, src, ref, checkpoint, beam, pick_device(), int8, stop)
 
 
 def _sweep(run_dir: Path, items: list[str], src: Optional[Path], ref: Optional[Path], checkpoint: str,
            int8: Optional[bool], save: bool, **fixed) -> None:
-    from nmt.checkpoint import SEARCH_FILE
     from nmt.evaluate import parse_sweep, sweep_run, sweep_table
-    from nmt.train import pick_device
+    from nmt.hardware import pick_device
+    from nmt.rundir import SEARCH_FILE
 
     _check_counts(beam=fixed.get("beam"))
     fixed = {k: v for k, v in fixed.items() if v is not None}
@@ -413,7 +418,8 @@ def eval_(
 ):
     """Score translations with sacreBLEU, or translate and score in one go with --model."""
     from nmt.data import read_lines
-    from nmt.evaluate import bleu, chrf, report
+    from nmt.metrics import bleu, chrf, format_scores
+    from nmt.rundir import EVAL_DIR
 
     if sweep or save:
         if model is None or not sweep:
@@ -431,7 +437,7 @@ def eval_(
         typer.echo(result["BLEU"]["line"])
         typer.echo(result["chrF2"]["line"])
         typer.echo(f"decoded {result['sentences']} sentences in {result['decode_seconds']:.1f} s "
-                   f"({result['sentences_per_s']:.1f} sentences/s); saved in {model[0] / 'eval'}", err=True)
+                   f"({result['sentences_per_s']:.1f} sentences/s); saved in {model[0] / EVAL_DIR}", err=True)
         return
     if hyp is None:
         raise NmtError("give --hyp and --ref to score, or --model, --src and --ref")
@@ -441,7 +447,7 @@ def eval_(
         metrics.append(bleu(hyps, refs, str(hyp), str(ref)))
     if chrf_:
         metrics.append(chrf(hyps, refs, str(hyp), str(ref)))
-    typer.echo(report(metrics, as_json, width))
+    typer.echo(format_scores(metrics, as_json, width))
 
 
 # --- report and attention -------------------------------------------------------------------
@@ -491,7 +497,7 @@ def hardware(
     With runs, exit 1 with one line unless they trained on this machine's kind: check it before
     adding a run to a comparison, rather than learn it from nmt report hours later.
     """
-    from nmt.report import check_here
+    from nmt.hardware import check_here
 
     described, notes = check_here(runs or [])
     for note in notes:
@@ -509,9 +515,9 @@ def attention(
     beam: Annotated[Optional[int], typer.Option(help="Beam size.")] = None,
 ):
     """Translate one sentence and draw the model's attention over the source as a heat map."""
-    from nmt.checkpoint import load_run
-    from nmt.report import attention_plot
-    from nmt.train import pick_device
+    from nmt.attention import attention_plot
+    from nmt.hardware import pick_device
+    from nmt.rundir import load_run
     from nmt.translate import translate as run_translate
 
     cfg, tokenizer, net = load_run(model, checkpoint, pick_device())
@@ -552,14 +558,17 @@ def average(
     last: Annotated[int, typer.Option(help="Average the last K step checkpoints.")] = 5,
 ):
     """Average the last K step checkpoints of a run into RUN/averaged.pt."""
-    from nmt import checkpoint
+    from nmt import checkpoint, rundir
 
-    paths = sorted((run / "checkpoints").glob("step*.pt"), key=lambda p: int(p.stem[4:]))[-last:]
+    if last < 2:
+        raise NmtError(f"--last {last}: give the number of step checkpoints to average, at least 2")
+    paths = rundir.step_checkpoints(run)[-last:]
     if len(paths) < 2:
-        raise NmtError(f"{run}/checkpoints has {len(paths)} step checkpoint(s); need at least 2 "
+        raise NmtError(f"{run / rundir.STEP_DIR} has {len(paths)} step checkpoint(s); need at least 2 "
                        "(set train.keep_last)")
-    checkpoint.save(checkpoint.average(paths), run / "averaged.pt")
-    typer.echo(f"{run / 'averaged.pt'}: mean of {', '.join(p.name for p in paths)}")
+    averaged = rundir.checkpoint_path(run, "averaged")
+    checkpoint.save(checkpoint.average(paths), averaged)
+    typer.echo(f"{averaged}: mean of {', '.join(p.name for p in paths)}")
 
 
 # --- export ---------------------------------------------------------------------------------

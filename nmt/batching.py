@@ -11,7 +11,7 @@ random numbers are drawn from the same Mersenne Twister stream, in the same orde
 the earlier pure-Python batcher, so every epoch's batches are the same as before.
 
 One batcher serves both corpora: the in-memory ``nmt.data.Parallel`` (lists of ids)
-and the memory-mapped ``nmt.prepare.PreparedCorpus`` (flat id arrays); ``lengths``
+and the memory-mapped ``nmt.corpus.PreparedCorpus`` (flat id arrays); ``lengths``
 gives the length arrays of either, and ``collate`` pads either.
 
 Several training corpora (``data.train`` as a list) are joined end to end into one index
@@ -34,8 +34,8 @@ from typing import Union
 import numpy as np
 import torch
 
+from nmt.corpus import PreparedCorpus, SideLengths, TokenArray
 from nmt.data import Parallel
-from nmt.prepare import PreparedCorpus, TokenArray
 from nmt.tokenizer import BOS, EOS, PAD
 
 Corpus = Union[Parallel, PreparedCorpus, "WeightedCorpora"]
@@ -183,7 +183,7 @@ def draw_epoch(sizes: Sequence[int], weights: Sequence[float], seed: int, epoch:
     return np.concatenate(drawn) if drawn else np.zeros(0, dtype=np.int64)
 
 
-class WeightedCorpora:
+class WeightedCorpora(SideLengths):
     """Several training corpora, indexed as one (corpus after corpus), each with a sampling weight.
 
     ``src``/``tgt`` and the length arrays cover every pair once; ``draw(seed, epoch)`` gives the
@@ -199,14 +199,6 @@ class WeightedCorpora:
         src, tgt = zip(*map(lengths, self.parts))
         self.src = Joined([p.src for p in self.parts], self.starts, np.concatenate(src))
         self.tgt = Joined([p.tgt for p in self.parts], self.starts, np.concatenate(tgt))
-
-    @property
-    def src_lens(self) -> np.ndarray:
-        return self.src.lens
-
-    @property
-    def tgt_lens(self) -> np.ndarray:
-        return self.tgt.lens
 
     def __len__(self) -> int:
         return int(self.starts[-1])

@@ -14,21 +14,18 @@ start a fine-tuned run from another run's checkpoint.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 import random
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from nmt.errors import NmtError
-
-if TYPE_CHECKING:
-    from nmt.config import Config
+from nmt.files import fsync_dir, sha256
 
 FORMAT = "nmt-checkpoint"
 VERSION = 1
@@ -48,24 +45,6 @@ def save(state: dict[str, Any], path: Path) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
-
-
-def fsync_dir(directory: Path) -> None:
-    """Make a rename in ``directory`` durable: without this a power cut can undo it.
-
-    Where directories cannot be opened or synced (Windows, some network file systems),
-    the rename is as durable as the OS makes it.
-    """
-    try:
-        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def load(path: Path, tokenizer_sha256: str | None = None, mmap: bool = False) -> dict[str, Any]:
@@ -207,91 +186,6 @@ def average(paths: list[Path]) -> dict[str, Any]:
 
 def fingerprint(path: Path) -> dict[str, Any]:
     """The training step and SHA-256 of a checkpoint file: which weights produced a result."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
     # mmap: only the small header entries are read, not the parameters.
     state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    return {"step": state.get("step"), "sha256": digest.hexdigest()}
-
-
-def resolve(run_dir: Path, which: str = "best") -> Path:
-    """``best``, ``last``, ``averaged`` (files of the run) or a path to a checkpoint file."""
-    if which in ("best", "last", "averaged"):
-        return Path(run_dir) / f"{which}.pt"
-    return Path(which)
-
-
-SEARCH_FILE = "search.yaml"  # search settings chosen after training (nmt eval --sweep --save)
-_FIX_SEARCH_FILE = "fix it, or delete it to decode with the search settings of the training recipe"
-
-
-def read_search_file(run_dir: Path) -> dict[str, Any]:
-    """The keys and values of ``run_dir/search.yaml``, or {} if there is none."""
-    import yaml
-
-    path = Path(run_dir) / SEARCH_FILE
-    if not path.is_file():
-        return {}
-    try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise NmtError(f"{path}: not valid YAML ({reason}); {_FIX_SEARCH_FILE}") from None
-    if not isinstance(values, dict | None):
-        raise NmtError(f"{path}: expected search keys and values (e.g. 'length_penalty: 1.0'), "
-                       f"got {values!r}; {_FIX_SEARCH_FILE}")
-    return values or {}
-
-
-def apply_search_file(cfg: Config, run_dir: Path) -> Config:
-    """``cfg`` with the search settings of ``run_dir/search.yaml`` over its own."""
-    from nmt import config
-
-    values = read_search_file(run_dir)
-    if not values:
-        return cfg
-    try:
-        return config.with_search(cfg, values)
-    except NmtError as e:
-        raise NmtError(f"{Path(run_dir) / SEARCH_FILE}: {e}; {_FIX_SEARCH_FILE}") from None
-
-
-def load_run(run_dir: Path, which: str = "best", device: str | torch.device = "cpu",
-             int8: bool | None = None):
-    """(config, tokenizer, model in eval mode) of a run directory.
-
-    ``run_dir/search.yaml``, when there is one, overrides the checkpoint's search settings.
-
-    ``int8``: decode with an int8 copy of the model (CPU only); None follows the config's
-    ``search.int8`` where it can run, on the CPU. The returned ``cfg.search.int8`` says which.
-    """
-    from nmt import config
-    from nmt.models import MODELS, build_model
-    from nmt.tokenizer import MODEL_FILE, Tokenizer
-
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise NmtError(f"{run_dir}: not a run directory (no config.yaml); give the directory "
-                       "nmt train wrote to")
-    if not (run_dir / MODEL_FILE).is_file():
-        raise NmtError(f"{run_dir}: has no {MODEL_FILE}; the run did not get past tokenizer training")
-    tokenizer = Tokenizer(run_dir / MODEL_FILE)
-    path = resolve(run_dir, which)
-    state = load(path, tokenizer.sha256())
-    cfg = config.from_dict(state["config"])
-    cfg = apply_search_file(cfg, run_dir)
-    if state.get("model_kind") not in MODELS or state["model_kind"] != cfg.model.kind:
-        raise NmtError(f"{path}: unknown model kind {state.get('model_kind')!r}; "
-                       f"this nmt knows {', '.join(MODELS)}")
-    model = build_model(cfg.model, len(tokenizer))
-    load_weights(state, path, model)
-    if int8 is None:
-        int8 = cfg.search.int8 and torch.device(device).type == "cpu"
-    cfg.search.int8 = int8
-    if int8:
-        from nmt.quantize import quantize_int8
-
-        model = quantize_int8(model, device)
-    return cfg, tokenizer, model.to(device).eval()
+    return {"step": state.get("step"), "sha256": sha256(path)}

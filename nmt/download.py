@@ -24,6 +24,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from nmt.errors import NmtError
+from nmt.files import sha256
 
 MULTI30K_COMMIT = "a3d2e0d26b56f3846f66a952536ffed4e401d05a"
 MULTI30K_URL = f"https://raw.githubusercontent.com/multi30k/dataset/{MULTI30K_COMMIT}"
@@ -100,7 +101,7 @@ def download_multi30k(
     for target, upstream in files.items():
         expected = _expected_sha256(table, target)
         path = directory / target
-        if path.is_file() and _sha256_file(path) == expected:
+        if path.is_file() and sha256(path) == expected:
             continue
         url = f"{base}/data/task1/raw/{upstream}.gz"
         _fetch_verified(url, path, expected, progress)
@@ -208,12 +209,4 @@ def _gunzip(packed: Path, out: Path, url: str) -> str:
             f"download from {url} is not a valid gzip file ({err}); "
             "retry, or report it if it keeps failing"
         ) from None
-    return digest.hexdigest()
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as source:
-        for chunk in iter(lambda: source.read(CHUNK_BYTES), b""):
-            digest.update(chunk)
     return digest.hexdigest()

@@ -100,19 +100,19 @@ def load_ensemble(run_dirs: Sequence[Path], which: str = "best", device: str | t
     ``int8`` resolves as for the first run and then holds for every member. ``which`` (best,
     last, averaged) names the checkpoint of each run.
     """
-    from nmt.checkpoint import load_run
-    from nmt.tokenizer import MODEL_FILE, file_sha256
+    from nmt.files import sha256
+    from nmt.rundir import MODEL_FILE, NAMED_CHECKPOINTS, load_run
 
     runs = [Path(r) for r in run_dirs]
     if len(runs) == 1:
         return load_run(runs[0], which, device, int8)
-    if which not in ("best", "last", "averaged"):
+    if which not in NAMED_CHECKPOINTS:
         raise NmtError(f"--checkpoint {which}: a checkpoint file is one model; with several --model "
                        "give best, last or averaged (that checkpoint of each run)")
     first = runs[0] / MODEL_FILE
     for run in runs[1:]:
         other = run / MODEL_FILE
-        if first.is_file() and other.is_file() and file_sha256(first) != file_sha256(other):
+        if first.is_file() and other.is_file() and sha256(first) != sha256(other):
             raise NmtError(f"{runs[0]} and {run} have different SentencePiece models ({MODEL_FILE}): an "
                            "ensemble's members must share one (train them with tokenizer.reuse=RUN)")
     cfg, tokenizer, model = load_run(runs[0], which, device, int8)

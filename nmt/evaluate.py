@@ -1,7 +1,9 @@
-"""BLEU and chrF with sacreBLEU, on detokenized text against raw references.
+"""Translate a run's test set and score it, and choose its search settings on a validation set.
 
-Validation during training and ``nmt eval`` call the same functions, so the number a run
-reports is the number the sacrebleu command line gives on the same files.
+``evaluate_run`` is ``nmt eval --model``: it translates with a run (or an ensemble of runs),
+scores the output with ``nmt.metrics`` and keeps scores and translations in the run's
+``eval/``, where ``nmt report`` reads them. ``sweep_run`` is ``nmt eval --sweep``: it
+translates once per combination of search settings and can save the best in ``search.yaml``.
 """
 
 from __future__ import annotations
@@ -15,99 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from sacrebleu.metrics import BLEU, CHRF
+from sacrebleu.metrics import BLEU
 
+from nmt import files, rundir
 from nmt.errors import NmtError
-
-
-@dataclass
-class Score:
-    metric: str  # "BLEU" or "chrF2"
-    score: float
-    signature: str
-    verbose: str  # sacreBLEU's detail: n-gram precisions, brevity penalty, lengths
-
-    def line(self, width: int = 1) -> str:
-        """The line ``sacrebleu -f text -w WIDTH`` prints."""
-        return f"{self.metric}|{self.signature} = {self.score:.{width}f} {self.verbose}".rstrip()
-
-    def to_json(self, width: int = 1) -> dict:
-        """The object ``sacrebleu -w WIDTH`` prints as JSON."""
-        out = {"name": self.metric, "score": round(self.score, width), "signature": self.signature}
-        if self.verbose:
-            out["verbose_score"] = self.verbose
-        out.update(part.split(":", 1) for part in self.signature.split("|"))
-        return out
-
-
-def _check(hyps: list[str], refs: list[str], hyp_name: str, ref_name: str) -> None:
-    if len(hyps) != len(refs):
-        raise NmtError(f"{hyp_name} has {len(hyps)} lines but {ref_name} has {len(refs)}; "
-                       "hypotheses and references must be line-aligned")
-    if not refs:  # sacreBLEU has no score for an empty corpus (as its command line says)
-        raise NmtError(f"{hyp_name} and {ref_name} have no lines: there is nothing to score")
-
-
-def bleu(hyps: list[str], refs: list[str], hyp_name: str = "hypotheses",
-         ref_name: str = "references") -> Score:
-    _check(hyps, refs, hyp_name, ref_name)
-    metric = BLEU()
-    result = metric.corpus_score(hyps, [refs])
-    verbose = str(result)[len(f"BLEU = {result.score:.2f} "):]
-    return Score("BLEU", result.score, str(metric.get_signature()), verbose)
-
-
-def chrf(hyps: list[str], refs: list[str], hyp_name: str = "hypotheses",
-         ref_name: str = "references") -> Score:
-    _check(hyps, refs, hyp_name, ref_name)
-    metric = CHRF()
-    result = metric.corpus_score(hyps, [refs])
-    return Score("chrF2", result.score, str(metric.get_signature()), "")
-
-
-# --- confidence intervals and paired significance ----------------------------------------------
-
-BOOTSTRAP_SAMPLES = 1000
-
-
-@dataclass
-class Interval:
-    """One system's score on one metric, as sacreBLEU's paired bootstrap test gives it."""
-    score: float
-    mean: float  # the mean over bootstrap resamples
-    ci: float  # half-width of the 95% interval around ``mean``: sacreBLEU prints ``mean ± ci``
-    p_value: float | None  # against the baseline (the first system); None for the baseline itself
-
-
-def paired_bootstrap(systems: list[tuple[str, list[str]]], refs: list[str],
-                     n_samples: int = BOOTSTRAP_SAMPLES) -> tuple[dict[str, dict[str, Interval]], dict[str, str]]:
-    """sacreBLEU's paired bootstrap test of every system against the first, on BLEU and chrF.
-
-    Returns ({system: {"BLEU": Interval, "chrF2": Interval}}, {metric: signature}). The resamples
-    come from ``SACREBLEU_SEED`` (default 12345), as on sacreBLEU's command line, so
-    ``sacrebleu REF -i SYS1 SYS2 -m bleu chrf --paired-bs`` prints the same numbers.
-    """
-    from sacrebleu.significance import PairedTest
-
-    for name, hyps in systems:
-        _check(hyps, refs, name, "the reference")
-    test = PairedTest(systems, {"BLEU": BLEU(), "chrF2": CHRF()}, [refs], test_type="bs", n_samples=n_samples)
-    signatures, columns = test()
-    results: dict[str, dict[str, Interval]] = {name: {} for name, _ in systems}
-    for metric, values in columns.items():
-        if metric == "System":
-            continue
-        for (name, _), r in zip(systems, values):
-            results[name][metric] = Interval(float(r.score), float(r.mean), float(r.ci),
-                                             None if r.p_value is None else float(r.p_value))
-    return results, {metric: str(sig) for metric, sig in signatures.items()}
-
-
-def report(scores: list[Score], as_json: bool, width: int = 1) -> str:
-    if as_json:
-        items = [s.to_json(width) for s in scores]
-        return json.dumps(items[0] if len(items) == 1 else items, indent=1, ensure_ascii=False)
-    return "\n".join(s.line(width) for s in scores)
+from nmt.metrics import bleu, chrf
 
 
 def evaluate_run(run_dir: Path | list[Path], src: Path, ref: Path, checkpoint: str = "best",
@@ -119,10 +33,9 @@ def evaluate_run(run_dir: Path | list[Path], src: Path, ref: Path, checkpoint: s
     A list of runs decodes with their ensemble (``nmt.ensemble``), saved in the first run's
     ``eval`` under a name that lists the other runs.
     """
-    from nmt.checkpoint import fingerprint, resolve
+    from nmt.checkpoint import fingerprint
     from nmt.data import read_parallel
     from nmt.ensemble import load_ensemble
-    from nmt.tokenizer import file_sha256
     from nmt.translate import translate_text
 
     if beam is not None and beam < 1:
@@ -130,7 +43,7 @@ def evaluate_run(run_dir: Path | list[Path], src: Path, ref: Path, checkpoint: s
     runs = [Path(r) for r in run_dir] if isinstance(run_dir, list | tuple) else [Path(run_dir)]
     run_dir = runs[0]
     cfg, tokenizer, net = load_ensemble(runs, checkpoint, device, int8)
-    used = fingerprint(resolve(run_dir, checkpoint))  # which weights, should best.pt change later
+    used = fingerprint(rundir.checkpoint_path(run_dir, checkpoint))  # which weights, should best.pt change later
     search = dataclasses.replace(cfg.search, n_best=1, **{k: v for k, v in [("beam", beam), ("stop", stop)]
                                                          if v is not None})
     lines, refs = read_parallel(src, ref)
@@ -139,23 +52,23 @@ def evaluate_run(run_dir: Path | list[Path], src: Path, ref: Path, checkpoint: s
     seconds = time.perf_counter() - start
     scores = [bleu(hyps, refs, "translations", str(ref)), chrf(hyps, refs, "translations", str(ref))]
     result = {s.metric: {"score": s.score, "signature": s.signature, "line": s.line()} for s in scores}
-    result.update(src=str(src), src_sha256=file_sha256(src), ref=str(ref), ref_sha256=file_sha256(ref),
+    result.update(src=str(src), src_sha256=files.sha256(src), ref=str(ref), ref_sha256=files.sha256(ref),
                   checkpoint=checkpoint, checkpoint_step=used["step"], checkpoint_sha256=used["sha256"],
                   beam=search.beam, int8=cfg.search.int8, sentences=len(lines), decode_seconds=seconds,
                   sentences_per_s=len(lines) / max(seconds, 1e-9))
     result["search"] = dataclasses.asdict(search)  # the settings used, search.yaml included
     if len(runs) > 1:
-        result["ensemble"] = [{"run": str(r), **fingerprint(resolve(r, checkpoint))} for r in runs]
-    out_dir = Path(run_dir) / "eval"
+        result["ensemble"] = [{"run": str(r), **fingerprint(rundir.checkpoint_path(r, checkpoint))} for r in runs]
+    out_dir = Path(run_dir) / rundir.EVAL_DIR
     out_dir.mkdir(exist_ok=True)
-    tag = checkpoint if checkpoint in ("best", "last", "averaged") else "ckpt"
+    tag = checkpoint if checkpoint in rundir.NAMED_CHECKPOINTS else "ckpt"
     stem = f"{Path(src).name}.{tag}.beam{search.beam}{'.int8' if cfg.search.int8 else ''}"
     stem += ".exact" if search.stop == "exact" else ""
     stem += "".join(f"+{r.name}" for r in runs[1:])
     hyp_path = out_dir / f"{stem}.hyp"
     hyp_path.write_text("".join(f"{h}\n" for h in hyps), encoding="utf-8")
     # Kept with their hash, so that nmt report can run the paired significance test later.
-    result.update(hyp=hyp_path.name, hyp_sha256=file_sha256(hyp_path))
+    result.update(hyp=hyp_path.name, hyp_sha256=files.sha256(hyp_path))
     (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
     return result
 
@@ -212,12 +125,11 @@ def sweep_run(run_dir: Path, grid: dict[str, list[Any]], src: Path | None = None
     BLEU, the first among equals) and ``fixed`` go into ``run_dir/search.yaml``, which
     ``load_run`` applies from then on.
     """
-    from nmt import checkpoint as checkpoints
     from nmt import config
     from nmt.data import read_parallel
     from nmt.translate import translate_each
 
-    cfg, tokenizer, net = checkpoints.load_run(run_dir, checkpoint, device, int8)
+    cfg, tokenizer, net = rundir.load_run(run_dir, checkpoint, device, int8)
     if src is None or ref is None:
         valid_src, valid_ref = config.split_paths(cfg.data, "valid")
         src, ref = src or valid_src, ref or valid_ref
@@ -238,11 +150,11 @@ def sweep_run(run_dir: Path, grid: dict[str, list[Any]], src: Path | None = None
                              decoding.seconds))
     if save:
         best = max(rows, key=lambda r: r.bleu)
-        values = {**checkpoints.read_search_file(run_dir), **fixed, **best.setting}
+        values = {**rundir.read_search_file(run_dir), **fixed, **best.setting}
         header = (f"# Chosen by nmt eval --sweep on {src} ({len(lines)} sentences, checkpoint {checkpoint}): "
                   f"BLEU {best.bleu:.2f}, BP {best.bp:.3f}\n")
         text = header + yaml.safe_dump(values, sort_keys=False)
-        (Path(run_dir) / checkpoints.SEARCH_FILE).write_text(text, encoding="utf-8")
+        (Path(run_dir) / rundir.SEARCH_FILE).write_text(text, encoding="utf-8")
     return rows
 
 

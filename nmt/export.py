@@ -32,11 +32,10 @@ What the conversion has to get right, since CTranslate2 has its own conventions:
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from types import ModuleType
@@ -49,14 +48,12 @@ from nmt.errors import NmtError
 from nmt.models.transformer import sinusoids
 from nmt.search import Hypothesis, length_penalty, max_lengths
 from nmt.tokenizer import MODEL_FILE, Tokenizer
-from nmt.translate import Translation
+from nmt.translate import Translation, length_batches, source_ids
 
-log = logging.getLogger("nmt")
-
-SEARCH_FILE = "search.json"
+SETTINGS_FILE = "search.json"
 FORMAT = "nmt-ctranslate2"
 # Every file an export writes; --force replaces a directory that holds nothing else.
-EXPORT_FILES = {"model.bin", "config.json", "shared_vocabulary.json", MODEL_FILE, SEARCH_FILE}
+EXPORT_FILES = {"model.bin", "config.json", "shared_vocabulary.json", MODEL_FILE, SETTINGS_FILE}
 # nmt.tokenizer's special ids 0-3 as SentencePiece names them.
 PAD_PIECE, BOS_PIECE, EOS_PIECE = "<pad>", "<s>", "</s>"
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, which nmt's models use
@@ -157,7 +154,7 @@ def search_settings(search: SearchConfig) -> dict[str, Any]:
 def export_ctranslate2(run_dir: Path, out_dir: Path, which: str = "best", quantization: str | None = None,
                        force: bool = False) -> dict[str, Any]:
     """Write a CTranslate2 model of a run's Transformer into ``out_dir``; returns search.json's content."""
-    from nmt.checkpoint import load_run, resolve
+    from nmt.rundir import checkpoint_path, load_run
 
     ctranslate2 = import_ctranslate2()
     accepted = ctranslate2.specs.model_spec.ACCEPTED_MODEL_TYPES
@@ -173,7 +170,7 @@ def export_ctranslate2(run_dir: Path, out_dir: Path, which: str = "best", quanti
     pieces = [tokenizer.sp.IdToPiece(i) for i in range(len(tokenizer))]
     spec = transformer_spec(ctranslate2, cfg.model, params, pieces)
     settings = {"format": FORMAT, "version": 1, "run": str(Path(run_dir).resolve()),
-                "checkpoint": str(resolve(run_dir, which)), "quantization": quantization or "float32",
+                "checkpoint": str(checkpoint_path(run_dir, which)), "quantization": quantization or "float32",
                 "max_positions": cfg.model.max_positions, "search": search_settings(cfg.search)}
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
@@ -182,7 +179,7 @@ def export_ctranslate2(run_dir: Path, out_dir: Path, which: str = "best", quanti
         spec.optimize(quantization=quantization)
         spec.save(str(tmp))
         shutil.copyfile(tokenizer.path, tmp / MODEL_FILE)
-        (tmp / SEARCH_FILE).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+        (tmp / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
         if out_dir.exists():
             shutil.rmtree(out_dir)  # checked above: empty, or only an earlier export's files
         os.replace(tmp, out_dir)
@@ -208,9 +205,9 @@ class ExportedModel:
                  threads: int | None = None):
         ctranslate2 = import_ctranslate2()
         self.dir = Path(model_dir)
-        settings_path = self.dir / SEARCH_FILE
+        settings_path = self.dir / SETTINGS_FILE
         if not settings_path.is_file():
-            raise NmtError(f"{self.dir}: not a CTranslate2 export of nmt (no {SEARCH_FILE}); make one "
+            raise NmtError(f"{self.dir}: not a CTranslate2 export of nmt (no {SETTINGS_FILE}); make one "
                            f"with nmt export RUN --to ctranslate2 {self.dir}")
         try:
             settings = json.loads(settings_path.read_text(encoding="utf-8"))
@@ -322,16 +319,10 @@ class ExportedModel:
         if cfg.stop != "standard":
             raise NmtError(f"the ctranslate2 engine has only the standard stopping rule, not "
                            f"{cfg.stop!r}; use --engine nmt for it")
-        limit = self.max_positions - 1  # room for EOS
-        ids = self.tokenizer.encode([line.strip() for line in lines])
-        for i, seq in enumerate(ids):
-            if len(seq) > limit:
-                log.warning("%s:%d: %d subword tokens, truncated to the model's limit of %d",
-                            source_name, first_line + i + 1, len(seq), limit)
-                ids[i] = seq[:limit]
+        ids = source_ids(self.tokenizer, lines, self.max_positions - 1, source_name, first_line)  # room for EOS
         results = [Translation(first_line + i, [""] * cfg.n_best, []) for i in range(len(lines))]
         order = sorted((i for i, seq in enumerate(ids) if seq), key=lambda i: (len(ids[i]), i))
-        for batch in _batches(order, [len(s) + 1 for s in ids], cfg.max_tokens, cfg.max_sentences):
+        for batch in length_batches([len(s) + 1 for s in ids], order, cfg.max_tokens, cfg.max_sentences):
             for i, nbest in zip(batch, self.search_batch([ids[i] for i in batch], cfg)):
                 texts = self.tokenizer.decode([h.tokens for h in nbest])
                 texts += [""] * (cfg.n_best - len(texts))
@@ -340,14 +331,3 @@ class ExportedModel:
                 on_batch(len(batch))
         return results
 
-
-def _batches(order: list[int], lengths: list[int], max_tokens: int, max_sentences: int) -> Iterable[list[int]]:
-    """Consecutive runs of ``order`` within ``max_sentences`` and ``max_tokens`` padded tokens."""
-    batch: list[int] = []
-    for i in order:  # sorted by length: the last one added is the longest
-        if batch and (len(batch) >= max_sentences or lengths[i] * (len(batch) + 1) > max_tokens):
-            yield batch
-            batch = []
-        batch.append(i)
-    if batch:
-        yield batch

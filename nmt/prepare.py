@@ -3,15 +3,8 @@
 ``prepare`` streams two line-aligned files (never the whole corpus in memory), checks
 them as it goes (alignment, UTF-8), encodes them in chunks with SentencePiece's own
 threads, drops empty and over-long pairs exactly as ``nmt.data.load_parallel`` does, and
-writes one directory of ``.npy`` arrays, read back with ``np.load(mmap_mode="r")``:
-
-    header.json        format, source identities, tokenizer sha256, filter, counts
-    src.tokens.npy     the kept pairs' source ids end to end (uint16 while the
-                       vocabulary fits, else int32)
-    src.offsets.npy    where pair i starts in src.tokens (int64, one entry more than pairs)
-    src.lengths.npy    ids per pair (uint16, or uint32 when the filter allows longer)
-    tgt.*.npy          the same for the target side
-    lines.npy          each kept pair's line number in the files, from 0 (int64)
+writes one directory of ``.npy`` arrays. ``nmt.corpus`` describes that directory's layout
+and reads it back (``PreparedCorpus``, memory-mapped).
 
 Where it lives: ``$NMT_CACHE/prepared/<name>``, ``NMT_CACHE`` defaulting to ``~/.cache/nmt``.
 The name is a hash of the two files' real paths, the tokenizer's sha256, the length
@@ -62,14 +55,16 @@ import numpy as np
 from tqdm import tqdm
 
 from nmt import config
+from nmt.batching import epoch_count
 from nmt.config import Config
+from nmt.corpus import FORMAT, SIDES, CorruptCache, PreparedCorpus
 from nmt.data import decode_lines, read_lines
 from nmt.errors import NmtError
+from nmt.files import fsync_dir
 from nmt.tokenizer import MODEL_FILE, Tokenizer, train_tokenizer
 
 log = logging.getLogger("nmt")
 
-FORMAT = 1
 CHUNK_PAIRS = 20_000  # pairs per SentencePiece call: enough to keep its threads busy
 BLOCK_BYTES = 4 << 20  # bytes read from a file at a time
 EDGE_BYTES = 1 << 20  # a source file's identity hashes this much of its head and of its tail
@@ -77,8 +72,6 @@ LOG_EVERY_S = 30.0  # progress lines when stderr is not a terminal
 # SentencePiece's unigram trainer holds about 24 bytes per character of its input (measured:
 # suffix arrays over the whole text), so its sample is cut to this many characters (~1 GB).
 SENTENCEPIECE_CHARS = 40_000_000
-SIDES = ("src", "tgt")
-ARRAYS = ("src.tokens", "src.offsets", "src.lengths", "tgt.tokens", "tgt.offsets", "tgt.lengths", "lines")
 
 
 @dataclass
@@ -466,92 +459,6 @@ def _encode_into(out: Path, src: Path, tgt: Path, tokenizer: Tokenizer, max_len:
     return counts
 
 
-# --- the prepared corpus, read back ---------------------------------------------------------
-
-class CorruptCache(Exception):
-    """A prepared directory that cannot be used as it is; the message says why."""
-
-
-@dataclass
-class TokenArray:
-    """One side of a prepared corpus: pair i's ids are ``tokens[offsets[i] : offsets[i] + lens[i]]``."""
-
-    tokens: np.ndarray  # (total ids,) uint16 or int32, mapped
-    offsets: np.ndarray  # (pairs + 1,) int64
-    lens: np.ndarray  # (pairs,) uint16 or uint32
-
-    def __len__(self) -> int:
-        return len(self.lens)
-
-    def __getitem__(self, i: int) -> np.ndarray:
-        start = int(self.offsets[i])
-        return self.tokens[start : start + int(self.lens[i])]
-
-
-class PreparedCorpus:
-    """A prepared split, memory-mapped read-only: pages are read when a batch needs them.
-
-    Indexed like ``nmt.data.Parallel`` (``src[i]``, ``tgt[i]``, ``index``), plus the length
-    arrays the batcher sorts (``src_lens``, ``tgt_lens``: ids per pair, without BOS/EOS).
-    """
-
-    def __init__(self, directory: Path, header: dict, arrays: dict[str, np.ndarray]):
-        self.directory, self.header = Path(directory), header
-        self.src = TokenArray(arrays["src.tokens"], arrays["src.offsets"], arrays["src.lengths"])
-        self.tgt = TokenArray(arrays["tgt.tokens"], arrays["tgt.offsets"], arrays["tgt.lengths"])
-        self.index = arrays["lines"]  # (pairs,) each pair's line number in the files, from 0
-
-    @property
-    def src_lens(self) -> np.ndarray:
-        return self.src.lens
-
-    @property
-    def tgt_lens(self) -> np.ndarray:
-        return self.tgt.lens
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def pair(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        return self.src[i], self.tgt[i]
-
-    def __getitem__(self, i: int | slice):
-        if isinstance(i, slice):
-            return [self.pair(j) for j in range(*i.indices(len(self)))]
-        return self.pair(i)
-
-    @classmethod
-    def open(cls, directory: Path) -> PreparedCorpus:
-        """Map a prepared directory; raises ``CorruptCache`` if any part disagrees with the header."""
-        directory = Path(directory)
-        try:
-            header = json.loads((directory / "header.json").read_text(encoding="utf-8"))
-            if header.get("format") != FORMAT:
-                raise CorruptCache(f"format {header.get('format')!r}, this nmt reads format {FORMAT}")
-            n = header["pairs"]
-            expected = {"lines": n}
-            for side in SIDES:
-                expected.update({f"{side}.tokens": header["tokens"][side], f"{side}.offsets": n + 1,
-                                 f"{side}.lengths": n})
-            arrays = {name: _load(directory / f"{name}.npy", expected[name]) for name in ARRAYS}
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise CorruptCache(str(e)) from None
-        for side in SIDES:
-            if int(arrays[f"{side}.offsets"][-1]) != len(arrays[f"{side}.tokens"]):
-                raise CorruptCache(f"{side}.offsets.npy does not end at the length of {side}.tokens.npy")
-        return cls(directory, header, arrays)
-
-
-def _load(path: Path, length: int) -> np.ndarray:
-    try:
-        array = np.load(path, mmap_mode="r")
-    except (OSError, ValueError) as e:
-        raise CorruptCache(f"{path.name}: {e}") from None
-    if array.shape != (length,):
-        raise CorruptCache(f"{path.name} holds {array.shape} entries, the header says ({length},)")
-    return array
-
-
 # --- the cache: find, check, build atomically -----------------------------------------------
 
 def cache_root() -> Path:
@@ -630,14 +537,6 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_json(path: Path, value: dict) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(value, f, indent=1)
@@ -659,7 +558,7 @@ def _publish(tmp: Path, final: Path) -> None:
         shutil.rmtree(tmp)  # another process put the same data there first: keep theirs
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
 
 
 def _build(final: Path, src: Path, tgt: Path, tokenizer: Tokenizer, max_len: int | None, sources: dict,
@@ -689,7 +588,7 @@ def _build(final: Path, src: Path, tgt: Path, tokenizer: Tokenizer, max_len: int
             "dtypes": {"tokens": token_dtype.name, "lengths": length_dtype.name},
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         })
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         _publish(tmp, final)
         timings.write += time.perf_counter() - start
     except OSError as e:
@@ -767,7 +666,7 @@ class SplitReport:
     weight: float | None = None  # a corpus of a data.train list: its sampling weight
 
 
-def prepare_run(cfg: Config, run_dir: Path, progress: bool = False, cache: Path | None = None
+def prepare_recipe(cfg: Config, run_dir: Path, progress: bool = False, cache: Path | None = None
                 ) -> tuple[Tokenizer, Timings, list[SplitReport]]:
     """``nmt prepare``: the run's tokenizer, then each training corpus and the valid split."""
     tokenizer_timings = Timings()
@@ -796,8 +695,6 @@ def describe(tokenizer: Tokenizer, tokenizer_timings: Timings, reports: list[Spl
                  f"SentencePiece {t.sentencepiece:.1f} s)"]
     else:
         lines = [f"tokenizer: {tokenizer.path}"]
-    from nmt.batching import epoch_count  # batching reads prepared corpora: imported here, not at the top
-
     for r in reports:
         h = r.corpus.header
         lines.append(f"{r.split}: {h['lines']:,} lines, {h['pairs']:,} pairs kept, {h['dropped_empty']:,} "

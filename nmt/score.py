@@ -20,7 +20,7 @@ from nmt.data import read_parallel
 from nmt.errors import NmtError
 from nmt.models.base import Seq2Seq
 from nmt.tokenizer import BOS, EOS, PAD, Tokenizer
-from nmt.translate import _batches, _source_ids
+from nmt.translate import length_batches, source_ids
 
 log = logging.getLogger("nmt")
 
@@ -58,7 +58,7 @@ def score_lines(model: Seq2Seq, tokenizer: Tokenizer, src_lines: list[str], tgt_
         raise NmtError(f"{source_name} has {len(src_lines)} lines but {target_name} has {len(tgt_lines)}; "
                        "the pairs to score must be line-aligned")
     limit = model.max_positions - 1  # room for EOS (source) and BOS (target)
-    src = _source_ids(tokenizer, src_lines, limit, source_name)
+    src = source_ids(tokenizer, src_lines, limit, source_name)
     tgt = tokenizer.encode([line.strip() for line in tgt_lines])
     for i, seq in enumerate(tgt):
         if len(seq) > limit:
@@ -70,7 +70,7 @@ def score_lines(model: Seq2Seq, tokenizer: Tokenizer, src_lines: list[str], tgt_
     was_training = model.training
     model.eval()
     try:
-        for batch in _batches(lengths, order, max_tokens, max_sentences):
+        for batch in length_batches(lengths, order, max_tokens, max_sentences):
             for i, score in zip(batch, score_batch(model, [src[i] for i in batch], [tgt[i] for i in batch])):
                 scores[i] = score
     finally:

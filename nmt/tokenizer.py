@@ -6,13 +6,13 @@ becomes byte pieces instead of ``<unk>``, so decoding gives back text, never ``<
 
 from __future__ import annotations
 
-import hashlib
 import random
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import sentencepiece as spm
 
+from nmt import files
 from nmt.errors import NmtError
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
@@ -42,11 +42,7 @@ class Tokenizer:
         return self.sp.Decode([list(x) for x in ids])
 
     def sha256(self) -> str:
-        return file_sha256(self.path)
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        return files.sha256(self.path)
 
 
 def train_tokenizer(lines: Iterable[str], out_dir: Path, vocab_size: int, model_type: str = "unigram",

@@ -1,15 +1,15 @@
 """Training: one loop for every model, with validation, checkpoints and exact resume.
 
-A run directory holds ``config.yaml`` (the resolved recipe), ``spm.model``, ``log.jsonl``
-and checkpoints. Running ``train`` on a directory that has a ``last.pt`` resumes exactly:
+What a run directory holds is in ``nmt.rundir``, what its log says in ``nmt.runlog``.
+Running ``train`` on a directory that has a ``last.pt`` resumes exactly:
 model, optimizer, schedule, step, the position in the epoch's batch order and the RNG
 states are restored, so stopping and resuming gives the same parameters as not stopping.
 
 Two clocks are kept apart: ``train_seconds`` counts the training loop, ``valid_seconds``
 counts validation and checkpoint writing; time limits and reports use the first.
 
-A fine-tuned run (``init_from``) starts from another run's weights and its ``spm.model``,
-with a fresh step count, schedule and best score; it must keep the parent's model shape.
+A fine-tuned run (``init_from``) starts from another run's weights (checked by
+``nmt.rundir.check_parent``), with a fresh step count, schedule and best score.
 
 The corpus is read from the arrays ``nmt prepare`` writes (prepared here first if they are
 missing or stale), memory-mapped: every rank maps the same files and a resume re-opens them.
@@ -20,13 +20,12 @@ over ranks once per update; a micro-batch that runs out of memory is split in ha
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import random
 import signal
-import sys
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
@@ -35,18 +34,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from nmt import checkpoint, config, distributed
+from nmt import checkpoint, config, distributed, rundir
 from nmt.batching import ORDER_VERSION, EpochBatches, Update, WeightedCorpora, epoch_count
 from nmt.config import Config
+from nmt.corpus import PreparedCorpus
 from nmt.data import read_parallel
 from nmt.errors import NmtError
-from nmt.evaluate import bleu
+from nmt.hardware import describe_hardware, hardware, pick_device, same_machine
 from nmt.loss import sequence_loss
+from nmt.metrics import bleu
 from nmt.models import build_model, count_parameters
-from nmt.prepare import PreparedCorpus, prepare_split, prepare_train, run_tokenizer
-from nmt.tokenizer import MODEL_FILE, Tokenizer, file_sha256
+from nmt.prepare import prepare_split, prepare_train, run_tokenizer
+from nmt.runlog import RunLog, first
+from nmt.tokenizer import MODEL_FILE, Tokenizer
+from nmt.trainlog import Reading, TensorBoard, TrainLog
 from nmt.translate import translate_text
 
 log = logging.getLogger("nmt")
@@ -61,8 +63,8 @@ def inverse_sqrt(warmup: int):
 
 
 @dataclass
-class Progress:
-    """Where training stands; saved in every checkpoint."""
+class TrainState:
+    """Where training stands: saved in ``last.pt`` (as its ``progress``), restored on resuming."""
 
     step: int = 0
     epoch: int = 1
@@ -118,287 +120,6 @@ class TrainClock:
         return seconds
 
 
-def pick_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
-
-
-def hardware(device: torch.device) -> dict[str, str]:
-    """What a run trained on, for its start and resume records: the CPU's model name and usable
-    cores, its kind (``cpu_kind``), and the GPU on CUDA.
-
-    nmt report refuses to compare the times of runs trained on different hardware.
-    """
-    import platform
-
-    info = _cpuinfo()
-    name = info.get("model name") or platform.processor() or platform.machine() or "unknown CPU"
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    found = {"cpu": f"{name} ({cores} cores)", "cpu_kind": cpu_kind(info)}
-    if device.type == "cuda":
-        found["gpu"] = torch.cuda.get_device_name(device)
-    return found
-
-
-def cpu_kind(info: dict[str, str]) -> str:
-    """The CPU's generation as /proc/cpuinfo (``info``) numbers it and the vector instructions torch
-    runs on it: "family 23 model 1, AVX2". A virtual machine may show one model name ("AMD EPYC") for
-    CPU generations years apart, whose speeds differ by a factor of two or more."""
-    import platform
-
-    if "cpu family" in info:  # x86
-        ident = f"family {info['cpu family']} model {info.get('model', '?')}"
-    elif "CPU part" in info:  # ARM
-        ident = f"implementer {info.get('CPU implementer', '?')} part {info['CPU part']}"
-    else:
-        ident = platform.machine() or "unknown"
-    return f"{ident}, {torch.backends.cpu.get_cpu_capability()}"
-
-
-def _cpuinfo() -> dict[str, str]:
-    """The first processor's fields in /proc/cpuinfo; empty where there is none."""
-    fields: dict[str, str] = {}
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if not line.strip():
-                    if fields:
-                        break
-                    continue
-                key, _, value = line.partition(":")
-                fields.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
-    return fields
-
-
-# --- the run directory ------------------------------------------------------------------
-
-def prepare_run(cfg: Config, run_dir: Path, write: bool = True) -> tuple[Config, bool]:
-    """Create or reopen a run directory; returns the config to use and whether to resume.
-
-    A new run with ``init_from`` is checked against its parent (``check_parent``); a resumed
-    run keeps the ``init_from`` it recorded when it started.
-    """
-    run_dir.mkdir(parents=True, exist_ok=True)
-    saved_path = run_dir / "config.yaml"
-    resume = (run_dir / "last.pt").exists()
-    ended = None if resume else JsonLog(run_dir / "log.jsonl").end_step()
-    if ended is not None:  # starting afresh would write over a finished run's log and recipe
-        raise NmtError(f"{run_dir} holds a run that finished at step {ended} and has no last.pt to go on "
-                       "from; train into a new --run directory (or remove its log.jsonl to start over)")
-    if resume and saved_path.exists():
-        saved = config.load_recipe(saved_path)
-        blocking = [c for c in config.changed_keys(config.to_dict(saved), config.to_dict(cfg))
-                    if c[0] not in config.RESUMABLE_CHANGES]
-        if blocking:
-            blocking.sort(key=lambda c: c[0] != "model.kind")  # the kind explains the rest
-            key, old, new = blocking[0]
-            more = f" (and {len(blocking) - 1} more)" if len(blocking) > 1 else ""
-            raise NmtError(f"{run_dir} was trained with {key}={old!r}, the recipe now says "
-                           f"{new!r}{more}; train into a new --run directory, or set it back "
-                           "to resume")
-        cfg = replace(cfg, init_from=_kept_origin(saved, cfg, run_dir))
-    elif cfg.init_from is not None:
-        cfg = check_parent(cfg, run_dir)
-    if write:
-        config.save(cfg, saved_path)
-    return cfg, resume
-
-
-# --- fine-tuning: a run that starts from another run's weights -----------------------------------
-
-# Model keys a fine-tuned run may set anew: regularisation, not the shape of the parameters.
-FREE_MODEL_KEYS = {"dropout", "attention_dropout", "activation_dropout"}
-
-
-def fine_tune(cfg: Config, parent: Path, which: str = "best", keep_optimizer: bool = False) -> Config:
-    """``cfg`` set to start from run ``parent``'s ``which`` checkpoint (``nmt train --init-from``)."""
-    return replace(cfg, init_from=config.InitFrom(run=str(parent), checkpoint=which, keep_optimizer=keep_optimizer))
-
-
-def check_parent(cfg: Config, run_dir: Path) -> Config:
-    """Check that ``cfg`` can start from its ``init_from`` run, before anything is trained or copied.
-
-    Refused, naming the key: another model shape (any ``model`` key but the dropouts) or
-    other tokenizer settings than the parent's; a parent checkpoint that is not the one an
-    earlier start recorded. Returns ``cfg`` with the checkpoint's step and sha256 recorded
-    and ``tokenizer.reuse`` naming the parent, whose ``spm.model`` the run copies.
-    """
-    init = cfg.init_from
-    parent, where = Path(init.run), f"--init-from {init.run}"
-    if not (parent / "config.yaml").is_file():
-        raise NmtError(f"{where}: not a run directory (no config.yaml); name a directory nmt train wrote")
-    if parent.resolve() == Path(run_dir).resolve():
-        raise NmtError(f"{where}: that is the run being trained; fine-tune into a new --run directory")
-    spm = parent / MODEL_FILE
-    if not spm.is_file():
-        raise NmtError(f"{where}: has no {MODEL_FILE}; the parent run did not get past tokenizer training")
-    spm_sha256 = file_sha256(spm)
-    path = checkpoint.resolve(parent, init.checkpoint)
-    state = checkpoint.load(path, spm_sha256, mmap=True)
-    if init.keep_optimizer and "optimizer" not in state:
-        raise NmtError(f"{where}: {path.name} holds no optimizer state (only last.pt does); add "
-                       "--checkpoint last to keep the optimizer, or leave out --keep-optimizer")
-    try:
-        parent_cfg = config.from_dict(state["config"])
-    except (NmtError, KeyError) as e:
-        raise NmtError(f"{where}: {path} holds a config this nmt cannot read ({e})") from None
-    changes = _shape_and_tokenizer_changes(parent_cfg, cfg)
-    if changes:
-        key, mine, theirs = changes[0]
-        keeps = "shape" if key.startswith("model.") else "spm.model"
-        raise NmtError(f"{where}: {key} is {mine!r} here but {theirs!r} in {init.run}; a fine-tuned run keeps "
-                       f"its parent's {keeps} (leave the key out, or set it as the parent has it)")
-    if cfg.tokenizer.reuse:
-        reused = Path(cfg.tokenizer.reuse)
-        reused = reused / MODEL_FILE if reused.is_dir() else reused
-        if not (reused.is_file() and file_sha256(reused) == spm_sha256):
-            raise NmtError(f"{where}: tokenizer.reuse is {cfg.tokenizer.reuse!r} here, not the SentencePiece "
-                           f"model of {init.run}; a fine-tuned run keeps its parent's spm.model (leave "
-                           "tokenizer.reuse out)")
-    own_spm = Path(run_dir) / MODEL_FILE
-    if own_spm.is_file() and file_sha256(own_spm) != spm_sha256:
-        raise NmtError(f"{where}: {own_spm} is another SentencePiece model than {init.run}'s; fine-tune "
-                       "into a new --run directory")
-    found = checkpoint.fingerprint(path)
-    if init.sha256 is not None and init.sha256 != found["sha256"]:
-        raise NmtError(f"{where}: {path} is no longer the checkpoint {run_dir} recorded as its start (step "
-                       f"{init.step}, now step {found['step']}); pass --init-from again to start from it as "
-                       "it is now, or fine-tune into a new --run directory")
-    log.info("%s starts from %s (step %s)%s", run_dir, path, found["step"],
-             ", with its optimizer state" if init.keep_optimizer else "")
-    return replace(cfg, tokenizer=replace(cfg.tokenizer, reuse=str(parent)),
-                   init_from=replace(init, step=found["step"], sha256=found["sha256"]))
-
-
-def _shape_and_tokenizer_changes(parent: Config, cfg: Config) -> list[tuple[str, object, object]]:
-    """(key, this recipe's value, the parent's) of every setting a fine-tuned run must share."""
-    if cfg.model.kind != parent.model.kind:  # the kind explains every other model key
-        return [("model.kind", cfg.model.kind, parent.model.kind)]
-    mine, theirs = config.to_dict(cfg), config.to_dict(parent)
-    keys = [f"model.{k}" for k in mine["model"] if k not in FREE_MODEL_KEYS]
-    keys += ["tokenizer.vocab_size", "tokenizer.model_type"]
-    changes = []
-    for key in keys:
-        section, name = key.split(".")
-        if mine[section][name] != theirs[section][name]:
-            changes.append((key, mine[section][name], theirs[section][name]))
-    return changes
-
-
-def _kept_origin(saved: Config, cfg: Config, run_dir: Path) -> config.InitFrom | None:
-    """A resumed run's ``init_from``: the one it recorded when it started, whatever the command says now."""
-    asked, kept = cfg.init_from, saved.init_from
-    if asked is not None and kept is None:
-        raise NmtError(f"{run_dir} already holds a run that did not start from another (last.pt); "
-                       f"--init-from {asked.run} starts a new run: give a new --run directory")
-    if asked is not None and (asked.run, asked.checkpoint) != (kept.run, kept.checkpoint):
-        log.warning("%s resumes; it started from %s (%s), and --init-from %s is not applied",
-                    run_dir, kept.run, kept.checkpoint, asked.run)
-    return kept
-
-
-class TensorBoard:
-    """The logged scalars as TensorBoard events, against two x axes.
-
-    ``RUN/tb`` holds them against the update step, ``RUN/tb/train_seconds`` against seconds of
-    training (the training clock: validation excluded), under the same tags (``train/loss``,
-    ``valid/bleu``, ...), so TensorBoard shows them as two runs. On a resume each writer
-    tells TensorBoard to drop what an earlier start wrote past the checkpoint, as the log does.
-    """
-
-    def __init__(self, directory: Path):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise NmtError('train.tensorboard needs the tensorboard package: pip install -e ".[tensorboard]"') \
-                from None
-        self._writer = SummaryWriter
-        self.directory = directory
-        self.by_step = self.by_time = None
-
-    def open(self, step: int, train_seconds: float) -> None:
-        self.by_step = self._writer(str(self.directory), purge_step=step + 1)
-        self.by_time = self._writer(str(self.directory / "train_seconds"), purge_step=round(train_seconds) + 1)
-
-    def write(self, scalars: dict[str, float], step: int, train_seconds: float) -> None:
-        for tag, value in scalars.items():
-            self.by_step.add_scalar(tag, value, step)
-            self.by_time.add_scalar(tag, value, round(train_seconds))
-
-    def flush(self) -> None:
-        self.by_step.flush()
-        self.by_time.flush()
-
-    def close(self) -> None:
-        if self.by_step is not None:
-            self.by_step.close()
-            self.by_time.close()
-            self.by_step = self.by_time = None
-
-
-class JsonLog:
-    def __init__(self, path: Path, enabled: bool = True):
-        self.path = path
-        self.enabled = enabled
-        self._dropped_end: str | None = None
-
-    def truncate_after(self, step: int) -> None:
-        """Drop records written after the checkpoint a run resumes from, and any ``end`` record.
-
-        A resumed run is running again: an old ``end`` left in place would have it reported
-        finished even if it then crashed; the run writes a new ``end`` when it stops.
-        """
-        if not self.enabled or not self.path.exists():
-            return
-        kept = []
-        for line, record in self._records():
-            if record.get("step", 0) > step:
-                continue
-            if record.get("event") == "end":
-                self._dropped_end = line
-            else:
-                kept.append(line)
-        self.path.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
-
-    def end_step(self) -> int | None:
-        """The step of the last ``end`` record, if the log has one (the run finished or stopped)."""
-        ends = [record for _, record in self._records() if record.get("event") == "end"]
-        return ends[-1].get("step", 0) if ends else None
-
-    def _records(self) -> list[tuple[str, dict]]:
-        """(line, record) for each readable record; a line cut off by a crash is passed over."""
-        if not self.path.exists():
-            return []
-        found = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict):
-                found.append((line, record))
-        return found
-
-    def first(self, event: str) -> dict | None:
-        """The first record of this ``event``, if any."""
-        return next((record for _, record in self._records() if record.get("event") == event), None)
-
-    def restore_end(self) -> None:
-        """Put back the ``end`` record dropped on resuming, for a run that had nothing left to train."""
-        if self.enabled and self._dropped_end is not None:
-            with self.path.open("a", encoding="utf-8") as f:
-                f.write(self._dropped_end + "\n")
-            self._dropped_end = None
-
-    def write(self, **record) -> None:
-        if self.enabled:
-            with self.path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-
-
 # --- the trainer --------------------------------------------------------------------------
 
 class Trainer:
@@ -424,8 +145,8 @@ class Trainer:
         self.stop_requested = False
         self.oom_splits = 0  # micro-batches split after running out of memory, since the last log record
         self._warned_oom = False
-        self.state = Progress()
-        self.log = JsonLog(self.run_dir / "log.jsonl", enabled=self.main)
+        self.state = TrainState()
+        self.runlog = RunLog(self.run_dir / rundir.LOG_FILE, enabled=self.main)
         self.clock = TrainClock(self.device)
         # Waits for rank 0's data preparation and for validation shares go through this group.
         self.patient = distributed.patient_group(self.ctx)
@@ -454,9 +175,11 @@ class Trainer:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.ctx.local_world_size))
 
     def _setup_logging(self) -> None:
-        """TensorBoard scalars if ``train.tensorboard``: the package checked on every rank, written by rank 0."""
-        board = TensorBoard(self.run_dir / "tb") if self.cfg.train.tensorboard else None
-        self.board = board if self.main else None
+        """The log's outputs; TensorBoard if ``train.tensorboard``: the package checked on every rank,
+        written by rank 0."""
+        board = TensorBoard(self.run_dir / rundir.BOARD_DIR) if self.cfg.train.tensorboard else None
+        self.trainlog = TrainLog(self.runlog, board if self.main else None, self.progress_bar,
+                                 self.cfg.train.max_minutes)
 
     def _setup_data(self) -> None:
         """The tokenizer, the training corpora and the valid split mapped from their prepared arrays, the batches.
@@ -534,7 +257,8 @@ class Trainer:
     # --- checkpoints
 
     def save(self, name: str, full: bool) -> None:
-        """Write a checkpoint from rank 0; ``full`` (with training state) must be called on every rank."""
+        """Write checkpoint ``name`` (a path inside the run directory) from rank 0; ``full`` (with
+        training state) must be called on every rank."""
         rng = None
         if full:  # each rank's RNG, so every rank resumes its own dropout stream
             rng = distributed.gather_to_main(self.ctx, checkpoint.rng_state(), self.patient)
@@ -549,14 +273,14 @@ class Trainer:
 
     def resume(self) -> None:
         """Continue from ``last.pt``: parameters, optimizer, schedule, position in the batch order, RNGs."""
-        path = self.run_dir / "last.pt"
+        path = rundir.checkpoint_path(self.run_dir, "last")
         state = checkpoint.load(path, self.tokenizer_sha256)
         checkpoint.check_resumable(state, path, self.cfg.model.kind, self.world_size, ORDER_VERSION)
         progress = checkpoint.restore_training(state, self.model, self.optimizer, self.scheduler, self.scaler,
                                                self.rank)
-        self.state = Progress(**progress)
+        self.state = TrainState(**progress)
         self.updates = self._updates_from_position()
-        self.log.truncate_after(self.state.step)
+        self.runlog.truncate_after(self.state.step)
         log.info("resuming %s at step %d (epoch %d)", self.run_dir, self.state.step, self.state.epoch)
 
     def start_from(self, init: config.InitFrom) -> None:
@@ -566,7 +290,7 @@ class Trainer:
         ``init.keep_optimizer`` the parent's Adam moments are loaded too (the new run's learning
         rate and schedule apply to them).
         """
-        path = checkpoint.resolve(Path(init.run), init.checkpoint)
+        path = rundir.checkpoint_path(Path(init.run), init.checkpoint)
         state = checkpoint.load(path, self.tokenizer_sha256)
         checkpoint.load_weights(state, path, self.model)
         if init.keep_optimizer:
@@ -711,15 +435,12 @@ class Trainer:
         result = self.validate()
         improved = self.main and self._keep_checkpoints(result)
         st.valid_seconds += time.perf_counter() - start
-        self.save("last.pt", full=True)
+        self.save(rundir.LAST_FILE, full=True)
         if not self.main:
             return
-        self.log.write(event="valid", step=st.step, epoch=st.epoch, **result, best_bleu=st.best_bleu,
-                       train_seconds=round(st.train_seconds, 3), valid_seconds=round(st.valid_seconds, 3))
-        if self.board is not None:
-            self.board.write({"valid/bleu": result["valid_bleu"], "valid/loss": result["valid_loss"],
-                              "valid/ppl": result["valid_ppl"]}, st.step, st.train_seconds)
-            self.board.flush()
+        self.trainlog.valid({"step": st.step, "epoch": st.epoch, **result, "best_bleu": st.best_bleu,
+                             "train_seconds": round(st.train_seconds, 3),
+                             "valid_seconds": round(st.valid_seconds, 3)}, st.train_seconds)
         log.info("step %d: valid loss %.3f, ppl %.2f, BLEU %.2f%s", st.step, result["valid_loss"],
                  result["valid_ppl"], result["valid_bleu"], " (best)" if improved else "")
 
@@ -729,22 +450,14 @@ class Trainer:
         improved = result["valid_bleu"] > st.best_bleu
         if improved:
             st.best_bleu, st.best_step, st.bad_validations = result["valid_bleu"], st.step, 0
-            self.save("best.pt", full=False)
+            self.save(rundir.BEST_FILE, full=False)
         else:
             st.bad_validations += 1
         if tc.keep_last:
-            self.save(f"checkpoints/step{st.step}.pt", full=False)
+            self.save(rundir.step_checkpoint_name(st.step), full=False)
             st.saved_steps = [*st.saved_steps, st.step][-tc.keep_last:]
-            self._prune_step_checkpoints()
+            rundir.prune_step_checkpoints(self.run_dir, st.saved_steps)
         return improved
-
-    def _prune_step_checkpoints(self) -> None:
-        if not self.main:
-            return
-        keep = {f"step{s}.pt" for s in self.state.saved_steps}
-        for path in (self.run_dir / "checkpoints").glob("step*.pt"):
-            if path.name not in keep:
-                path.unlink()
 
     def _request_stop(self, signum, frame) -> None:
         if self.stop_requested:  # a second signal: stop now
@@ -754,18 +467,16 @@ class Trainer:
     def _log_start(self) -> None:
         tc = self.cfg.train
         if self.state.step == 0:
-            self.log.write(event="start", params=count_parameters(self.model), device=str(self.device),
+            self.runlog.write(event="start", params=count_parameters(self.model), device=str(self.device),
                            world_size=self.world_size, threads=torch.get_num_threads(),
                            precision=tc.precision, max_tokens=tc.max_tokens, update_freq=tc.update_freq,
                            effective_batch_tokens=self.world_size * tc.max_tokens * tc.update_freq,
                            train_pairs=len(self.train_data), corpora=self.corpora_record,
                            **hardware(self.device), step=0)
-        elif self.log.enabled:  # a run continued on another machine mixes two speeds on one clock
-            from nmt.report import describe_hardware, same_machine
-
+        elif self.runlog.enabled:  # a run continued on another machine mixes two speeds on one clock
             here = hardware(self.device)
-            self.log.write(event="resume", **here, step=self.state.step)
-            started = self.log.first("start")
+            self.runlog.write(event="resume", **here, step=self.state.step)
+            started = first(self.runlog.records(), "start")
             if started and started.get("cpu") and not same_machine(started, here):
                 log.warning("%s: resumed on %s, started on %s; its training time mixes two machines' speeds",
                             self.run_dir, describe_hardware(here), describe_hardware(started))
@@ -773,7 +484,7 @@ class Trainer:
                  f"{count_parameters(self.model):,}", f"{len(self.train_data):,}", torch.get_num_threads(),
                  self.device)
 
-    def train(self, updates: Iterable[Update] | None = None) -> Progress:
+    def train(self, updates: Iterable[Update] | None = None) -> TrainState:
         """Train until a limit, early stop or signal; validate and checkpoint on the way.
 
         ``updates`` are the micro-batch groups to train on, by default ``self.updates``: the
@@ -783,23 +494,20 @@ class Trainer:
         reason = self._limits_reached()
         if reason:
             log.info("%s: already finished (%s); raise the limit to train further", self.run_dir, reason)
-            self.log.restore_end()
+            self.runlog.restore_end()
             return self.state
-        if self.board is not None:
-            self.board.open(self.state.step, self.state.train_seconds)
+        self.trainlog.open_board(self.state.step, self.state.train_seconds)
         try:
             return self._train(iter(updates) if updates is not None else self.updates)
         finally:
-            if self.board is not None:
-                self.board.close()
+            self.trainlog.close_board()
 
-    def _train(self, updates: Iterator[Update]) -> Progress:
+    def _train(self, updates: Iterator[Update]) -> TrainState:
         tc, st = self.cfg.train, self.state
         self._log_start()
         handlers = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)} \
             if _main_thread() else {}
-        bar = tqdm(total=tc.max_steps or None, initial=st.step, disable=not self.progress_bar,
-                   file=sys.stderr, dynamic_ncols=True, unit="step")
+        self.trainlog.open_bar(st.step, tc.max_steps)
         window = self._new_window()
         validated_at = st.step
         self.clock.start()
@@ -825,40 +533,40 @@ class Trainer:
                 window["nll"] = window["nll"] + nll
                 window["tokens"] += ntokens
                 window["steps"] += 1
-                bar.update(1)
+                self.trainlog.step()
                 if st.step % tc.log_every == 0:
-                    self._log_window(window, bar)
+                    self._log_window(window)
                 if tc.valid_every and st.step % tc.valid_every == 0:
                     self._count_train_time(window, self.clock.stop())
                     self._validate_and_save()
                     validated_at = st.step
                     self.clock.start()
         except _Interrupted:  # between updates, on every rank at the same step: a clean state
-            bar.close()
+            self.trainlog.close_bar()
             self._count_train_time(window, self.clock.stop())
-            self.save("last.pt", full=True)
-            raise NmtError(f"interrupted at step {st.step}; {self.run_dir / 'last.pt'} is saved: "
+            self.save(rundir.LAST_FILE, full=True)
+            raise NmtError(f"interrupted at step {st.step}; {rundir.checkpoint_path(self.run_dir, 'last')} is saved: "
                            "run the same command to resume") from None
         except KeyboardInterrupt:  # a second signal, possibly mid-update: keep the last good checkpoint
-            bar.close()
+            self.trainlog.close_bar()
             raise NmtError(f"stopped during step {st.step + 1}; the last checkpoint written is kept: "
                            "run the same command to resume from it") from None
         finally:
             for s, h in handlers.items():
                 signal.signal(s, h)
             self.updates = self._updates_from_position()  # an update taken but not made is taken again
-        bar.close()
+        self.trainlog.close_bar()
         self._count_train_time(window, self.clock.stop())
         if window["steps"]:
-            self._log_window(window, None)
+            self._log_window(window)
         if validated_at != st.step:
             self._validate_and_save()
         if tc.average_last and len(st.saved_steps) > 1 and self.main:
-            paths = [self.run_dir / "checkpoints" / f"step{s}.pt" for s in st.saved_steps[-tc.average_last:]]
-            checkpoint.save(checkpoint.average(paths), self.run_dir / "averaged.pt")
+            paths = [rundir.step_checkpoint(self.run_dir, s) for s in st.saved_steps[-tc.average_last:]]
+            checkpoint.save(checkpoint.average(paths), rundir.checkpoint_path(self.run_dir, "averaged"))
         log.info("stopped at step %d: %s; best valid BLEU %.2f at step %d", st.step, reason,
                  st.best_bleu, st.best_step)
-        self.log.write(event="end", step=st.step, reason=reason, train_seconds=round(st.train_seconds, 3),
+        self.runlog.write(event="end", step=st.step, reason=reason, train_seconds=round(st.train_seconds, 3),
                        valid_seconds=round(st.valid_seconds, 3), best_bleu=st.best_bleu,
                        best_step=st.best_step)
         return st
@@ -867,7 +575,7 @@ class Trainer:
         self.state.train_seconds += seconds
         window["seconds"] += seconds
 
-    def _log_window(self, window: dict, bar) -> None:
+    def _log_window(self, window: dict) -> None:
         """Write one ``train`` record; every rank calls it, for the one all-reduce it makes."""
         st = self.state
         # Each rank summed its own losses; the tokens were counted over all ranks already.
@@ -875,25 +583,10 @@ class Trainer:
         loss, nll, splits = distributed.all_sum_tensor(self.ctx, sums).tolist()  # waits for the device
         self.oom_splits = 0
         self._count_train_time(window, self.clock.lap())  # that wait was training time
-        tokens = max(window["tokens"], 1)
-        record = {
-            "step": st.step, "epoch": st.epoch, "loss": loss / tokens, "nll": nll / tokens,
-            "lr": self.scheduler.get_last_lr()[0],
-            "tokens_per_s": window["tokens"] / max(window["seconds"], 1e-9),
-            "train_seconds": round(st.train_seconds, 3), "valid_seconds": round(st.valid_seconds, 3),
-            "oom_splits": int(splits),
-        }
-        self.log.write(event="train", **record)
-        if self.board is not None:
-            self.board.write({f"train/{k}": record[k] for k in ("loss", "nll", "lr", "tokens_per_s")},
-                             st.step, st.train_seconds)
-        if bar is not None:
-            postfix = {"loss": f"{record['loss']:.3f}", "lr": f"{record['lr']:.2e}",
-                       "tok/s": f"{record['tokens_per_s']:.0f}", "epoch": st.epoch}
-            if self.cfg.train.max_minutes:  # the bar's own ETA only knows about max_steps
-                left = max(self.cfg.train.max_minutes * 60 - st.train_seconds, 0)
-                postfix["eta"] = f"{int(left // 60)}:{int(left % 60):02d}"
-            bar.set_postfix(postfix, refresh=False)
+        self.trainlog.train(Reading(
+            step=st.step, epoch=st.epoch, loss=loss, nll=nll, tokens=window["tokens"], seconds=window["seconds"],
+            lr=self.scheduler.get_last_lr()[0], oom_splits=int(splits), train_seconds=st.train_seconds,
+            valid_seconds=st.valid_seconds))
         window.update(self._new_window())
 
     def _new_window(self) -> dict:
@@ -907,11 +600,10 @@ class _Interrupted(Exception):
 
 
 def _main_thread() -> bool:
-    import threading
     return threading.current_thread() is threading.main_thread()
 
 
-def train(cfg: Config, run_dir: Path, progress_bar: bool = True) -> Progress:
+def train(cfg: Config, run_dir: Path, progress_bar: bool = True) -> TrainState:
     """Train ``cfg`` into ``run_dir``, resuming if it holds a ``last.pt``.
 
     Under torchrun every rank calls this; each checks the run directory the same way (so a
@@ -921,13 +613,13 @@ def train(cfg: Config, run_dir: Path, progress_bar: bool = True) -> Progress:
     if not ctx.main:  # one voice: the other ranks speak only to warn
         log.setLevel(logging.WARNING)
     try:
-        cfg, resume = prepare_run(cfg, Path(run_dir), write=ctx.main)
+        cfg, resume = rundir.open_run(cfg, Path(run_dir), write=ctx.main)
         distributed.barrier(ctx)
         trainer = Trainer(cfg, run_dir, progress_bar=progress_bar, ctx=ctx)
         if resume:
             trainer.resume()
         else:  # what an earlier start wrote before it saved anything is not this run's
-            trainer.log.truncate_after(-1)
+            trainer.runlog.truncate_after(-1)
             if cfg.init_from is not None:
                 trainer.start_from(cfg.init_from)
         return trainer.train()

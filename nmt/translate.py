@@ -53,8 +53,9 @@ class Decoding:
     seconds: float  # spent searching under this config (the encoder, shared by all, excluded)
 
 
-def _batches(lengths: list[int], order: list[int], max_tokens: int,
-             max_sentences: int) -> Iterable[list[int]]:
+def length_batches(lengths: list[int], order: list[int], max_tokens: int,
+                   max_sentences: int) -> Iterable[list[int]]:
+    """Consecutive runs of ``order``, each within ``max_sentences`` and ``max_tokens`` padded tokens."""
     batch: list[int] = []
     longest = 0
     for i in order:
@@ -67,8 +68,9 @@ def _batches(lengths: list[int], order: list[int], max_tokens: int,
         yield batch
 
 
-def _source_ids(tokenizer: Tokenizer, lines: list[str], limit: int, source_name: str,
-                first_line: int = 0) -> list[list[int]]:
+def source_ids(tokenizer: Tokenizer, lines: list[str], limit: int, source_name: str,
+               first_line: int = 0) -> list[list[int]]:
+    """The ids of each stripped line, cut to ``limit`` with a warning naming the line."""
     ids = tokenizer.encode([line.strip() for line in lines])
     for i, seq in enumerate(ids):
         if len(seq) > limit:
@@ -145,7 +147,7 @@ def translate_each(model: Seq2Seq, tokenizer: Tokenizer, lines: list[str], cfgs:
     if any((c.max_tokens, c.max_sentences) != (first.max_tokens, first.max_sentences) for c in cfgs):
         raise ValueError("translate_each: the configs must have the same max_tokens and max_sentences")
     device = next(model.parameters()).device
-    ids = _source_ids(tokenizer, lines, model.max_positions - 1, source_name, first_line)  # room for EOS
+    ids = source_ids(tokenizer, lines, model.max_positions - 1, source_name, first_line)  # room for EOS
     results: list[list[Translation | None]] = [[None] * len(lines) for _ in cfgs]
     todo = [i for i, seq in enumerate(ids) if seq]
     for out, cfg in zip(results, cfgs):
@@ -157,7 +159,7 @@ def translate_each(model: Seq2Seq, tokenizer: Tokenizer, lines: list[str], cfgs:
     was_training = model.training
     model.eval()
     try:
-        for batch in _batches(lengths, order, first.max_tokens, first.max_sentences):
+        for batch in length_batches(lengths, order, first.max_tokens, first.max_sentences):
             src = torch.full((len(batch), max(lengths[i] for i in batch)), PAD, dtype=torch.long)
             for row, i in enumerate(batch):
                 src[row, : lengths[i]] = torch.tensor(ids[i] + [EOS])

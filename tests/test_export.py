@@ -17,7 +17,7 @@ from conftest import make_pairs, tiny_recipe
 from test_cli import one_error_line, run
 
 from nmt import config
-from nmt.checkpoint import load_run
+from nmt.rundir import load_run
 from nmt.score import score_batch
 from nmt.search import length_penalty
 from nmt.tokenizer import BOS, EOS, PAD

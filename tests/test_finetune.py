@@ -18,7 +18,9 @@ from test_cli import one_error_line, run
 
 from nmt import checkpoint, config, report
 from nmt.errors import NmtError
-from nmt.train import Trainer, fine_tune, prepare_run
+from nmt.rundir import fine_tune
+from nmt.rundir import open_run as prepare_run
+from nmt.train import Trainer
 
 
 @pytest.fixture(scope="module")

@@ -21,10 +21,12 @@ from typer.testing import CliRunner
 from cli.main import app
 from nmt import prepare as prep
 from nmt.batching import EpochBatches, collate
+from nmt.corpus import PreparedCorpus
 from nmt.data import load_parallel, read_lines
 from nmt.errors import NmtError
-from nmt.prepare import PreparedCorpus, prepare, sample_pairs
-from nmt.tokenizer import Tokenizer, file_sha256, train_tokenizer
+from nmt.files import sha256 as file_sha256
+from nmt.prepare import prepare, sample_pairs
+from nmt.tokenizer import Tokenizer, train_tokenizer
 
 MAX_LEN = 40
 

@@ -14,7 +14,7 @@ from torch.ao.nn.quantized import dynamic as qdynamic
 from typer.testing import CliRunner
 
 from cli.main import app
-from nmt import checkpoint, config
+from nmt import checkpoint, config, rundir
 from nmt.errors import NmtError
 from nmt.models import build_model
 from nmt.quantize import quantize_int8
@@ -130,15 +130,15 @@ def test_recipe_search_int8_applies_and_no_int8_overrides(trained_run: Path, tmp
     state = torch.load(run / "best.pt", weights_only=True)
     state["config"]["search"]["int8"] = True
     checkpoint.save({k: v for k, v in state.items() if k not in ("format", "version")}, run / "best.pt")
-    cfg, _, net = checkpoint.load_run(run)
+    cfg, _, net = rundir.load_run(run)
     assert cfg.search.int8 and type(net.output_projection) is qdynamic.Linear
-    cfg, _, net = checkpoint.load_run(run, int8=False)
+    cfg, _, net = rundir.load_run(run, int8=False)
     assert not cfg.search.int8 and net.output_projection is None
     assert translate(run, "red dog\n") == translate(trained_run, "red dog\n", "--int8")
 
 
 def test_int8_with_cuda_is_one_error_line(trained_run: Path, corpus: Path, monkeypatch) -> None:
-    monkeypatch.setattr("nmt.train.pick_device", lambda: torch.device("cuda"))
+    monkeypatch.setattr("nmt.hardware.pick_device", lambda: torch.device("cuda"))
     for args in (["translate", "--model", str(trained_run), "--int8"],
                  ["eval", "--model", str(trained_run), "--src", str(corpus / "test.en"),
                   "--ref", str(corpus / "test.de"), "--int8"]):

@@ -13,9 +13,9 @@ import yaml
 from typer.testing import CliRunner
 
 from cli.main import app
-from nmt import report
+from nmt import report, runlog
 from nmt.errors import NmtError
-from nmt.tokenizer import file_sha256
+from nmt.files import sha256 as file_sha256
 
 runner = CliRunner()
 
@@ -172,11 +172,11 @@ def test_attention_plot_for_both_model_kinds(trained_run: Path, tmp_path: Path) 
 
 
 def test_a_resumed_run_is_not_reported_finished(tmp_path: Path) -> None:
-    from nmt.train import JsonLog
+    from nmt.runlog import RunLog
 
     run = make_run(tmp_path, "a")
     assert report.summarize(run).status == "finished"
-    JsonLog(run / "log.jsonl").truncate_after(300)  # what resuming from last.pt at step 300 does
+    RunLog(run / "log.jsonl").truncate_after(300)  # what resuming from last.pt at step 300 does
     assert report.summarize(run).status == "unfinished"  # until the resumed run writes its own end
     assert runner.invoke(app, ["report", str(run)]).stdout.count("a (unfinished)") == 1
 
@@ -190,7 +190,7 @@ def test_rerunning_a_finished_run_keeps_it_finished(trained_run: Path, tmp_path:
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
     train(config.load_recipe(run / "config.yaml"), run, progress_bar=False)  # nothing left to train
-    records = report.read_log(run / "log.jsonl")
+    records = runlog.read_run(run / "log.jsonl")
     assert [r["event"] for r in records].count("end") == 1 and records[-1]["event"] == "end"
     assert report.summarize(run).status == "finished"
 
@@ -266,9 +266,9 @@ def test_report_of_a_real_run_after_two_evaluations(trained_run: Path, corpus: P
 def test_a_run_records_the_cpu_it_trained_on(trained_run: Path) -> None:
     import torch
 
-    from nmt.train import hardware
+    from nmt.hardware import hardware
 
-    start = report.read_log(trained_run / "log.jsonl")[0]
+    start = runlog.read_run(trained_run / "log.jsonl")[0]
     assert start["event"] == "start" and start["cpu"] == hardware(torch.device("cpu"))["cpu"]
     assert start["cpu_kind"] == hardware(torch.device("cpu"))["cpu_kind"]
     assert start["cpu_kind"].endswith(torch.backends.cpu.get_cpu_capability())
@@ -325,7 +325,7 @@ def test_a_run_resumed_on_another_cpu_kind_is_refused(tmp_path: Path) -> None:
 
 
 def test_nmt_hardware_checks_this_machine_against_runs(tmp_path: Path) -> None:
-    from nmt.train import hardware, pick_device
+    from nmt.hardware import hardware, pick_device
 
     here = hardware(pick_device())
     name = ", ".join(here[key] for key in ("cpu", "gpu") if key in here)

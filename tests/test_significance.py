@@ -15,8 +15,8 @@ from test_report import make_run, runner
 
 from cli.main import app
 from nmt import report
-from nmt.evaluate import bleu, chrf, paired_bootstrap
-from nmt.tokenizer import file_sha256
+from nmt.files import sha256 as file_sha256
+from nmt.metrics import bleu, chrf, paired_bootstrap
 
 VOCABULARY = [f"{a}{b}" for a in ("ka", "lo", "mi", "su", "te", "ro", "ne", "vi") for b in ("n", "s", "ta", "ri", "m")]
 

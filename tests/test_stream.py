@@ -16,8 +16,8 @@ from conftest import make_pairs
 from typer.testing import CliRunner
 
 from cli.main import app
-from nmt.checkpoint import load_run
 from nmt.data import InvalidUtf8, decode_lines
+from nmt.rundir import load_run
 from nmt.translate import read_chunks, translate
 
 runner = CliRunner()

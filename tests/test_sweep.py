@@ -106,8 +106,8 @@ def test_search_changes_do_not_block_a_resume(run_copy: Path) -> None:
 
 
 def test_translating_under_several_settings_at_once_equals_one_at_a_time(trained_run: Path) -> None:
-    from nmt.checkpoint import load_run
     from nmt.config import SearchConfig
+    from nmt.rundir import load_run
     from nmt.translate import translate, translate_each
 
     _, tokenizer, model = load_run(trained_run)

@@ -18,13 +18,13 @@ from conftest import tiny_recipe
 from faults import fail_above
 
 import nmt.data
-from nmt import checkpoint, config, distributed
+from nmt import checkpoint, config, distributed, rundir
 from nmt import prepare as prep
 from nmt.batching import ORDER_VERSION, Batch
+from nmt.corpus import PreparedCorpus
 from nmt.data import read_lines
 from nmt.errors import NmtError
-from nmt.evaluate import bleu
-from nmt.prepare import PreparedCorpus
+from nmt.metrics import bleu
 from nmt.train import Trainer, train
 from nmt.translate import translate_text
 
@@ -145,6 +145,26 @@ def test_resume_is_bitwise_equal_to_uninterrupted(tmp_path: Path, corpus: Path, 
         assert torch.equal(value, b["model"][name]), name
     steps = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
     assert steps.count(16) >= 1 and steps == sorted(steps)
+
+
+def test_resume_drops_a_cut_off_last_log_line_and_refuses_a_damaged_one(tmp_path: Path, corpus: Path,
+                                                                        spm_model: str) -> None:
+    run = tmp_path / "run"
+    train(small(corpus, spm_model, max_steps=8), run, progress_bar=False)
+    log = run / "log.jsonl"
+    with log.open("a", encoding="utf-8") as f:
+        f.write('{"event": "train", "step": 9, "lo')  # killed mid-write
+    train(small(corpus, spm_model, max_steps=12), run, progress_bar=False)
+    records = read_log(run)  # every line a record again: the cut-off line is gone
+    assert records[-1]["event"] == "end" and records[-1]["step"] == 12
+
+    lines = log.read_text(encoding="utf-8").splitlines()
+    lines[2] = lines[2][:-5]  # a damaged line in the middle
+    log.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(NmtError, match=rf"{log}:3: not a JSON record"):
+        train(small(corpus, spm_model, max_steps=16), run, progress_bar=False)
+    assert log.read_text(encoding="utf-8").splitlines() == lines  # nothing deleted
+    assert checkpoint.load(run / "last.pt")["step"] == 12
 
 
 def test_interrupted_run_saves_and_resumes(tmp_path: Path, corpus: Path, spm_model: str, monkeypatch) -> None:
@@ -292,6 +312,23 @@ def test_averaging_last_checkpoints(tmp_path: Path, corpus: Path, spm_model: str
     assert torch.allclose(averaged[name], sum(p[name] for p in parts) / 3, atol=1e-6)
 
 
+def test_average_needs_a_count_of_at_least_two(tmp_path: Path, corpus: Path, spm_model: str) -> None:
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    run = tmp_path / "run"
+    train(small(corpus, spm_model, valid_every=4, keep_last=3), run, progress_bar=False)
+    for count in ("0", "-1", "1"):
+        result = CliRunner().invoke(app, ["average", str(run), "--last", count])
+        assert result.exit_code == 1 and "Traceback" not in result.output
+        assert result.stderr.strip().splitlines() == [f"nmt: error: --last {count}: give the number of step "
+                                                      "checkpoints to average, at least 2"]
+    assert not (run / "averaged.pt").exists()
+    result = CliRunner().invoke(app, ["average", str(run), "--last", "2"])
+    assert result.exit_code == 0 and result.stdout.endswith("mean of step12.pt, step16.pt\n")
+
+
 # --- bad checkpoints
 
 def test_truncated_checkpoint(tmp_path: Path, trained_run: Path) -> None:
@@ -325,7 +362,7 @@ def test_tokenizer_that_does_not_match_checkpoint(tmp_path: Path, trained_run: P
     lines = read_lines(corpus / "train.en") + read_lines(corpus / "train.de")
     train_tokenizer(lines, run, vocab_size=296)  # a different spm.model in the run
     with pytest.raises(NmtError, match="another SentencePiece model"):
-        checkpoint.load_run(run)
+        rundir.load_run(run)
 
 
 def test_atomic_save_leaves_no_temp_file_on_failure(tmp_path: Path) -> None:
@@ -375,7 +412,7 @@ def test_checkpoint_of_one_kind_loaded_as_the_other(tmp_path: Path, trained_run:
     state["model_kind"] = "gnmt"
     checkpoint.save(state, run / "best.pt")
     with pytest.raises(NmtError, match="parameters do not fit a gnmt model"):
-        checkpoint.load_run(run)
+        rundir.load_run(run)
 
 
 def test_early_stop_after_patience_validations_without_gain(tmp_path: Path, corpus: Path, spm_model: str) -> None:
