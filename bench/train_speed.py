@@ -53,8 +53,9 @@ def flops_per_token(trainer: Trainer) -> float:
     batch = trainer.batches.collate(next(trainer.updates).batches[0]).to(trainer.device)
 
     def fwd_bwd():
-        sequence_loss(trainer.model, batch.src, batch.src_lens, batch.tgt_in, batch.tgt_out,
-                      trainer.cfg.train.label_smoothing, lambda loss: loss.backward(), trainer.autocast)
+        loss, _ = sequence_loss(trainer.model, batch.src, batch.src_lens, batch.tgt_in, batch.rows, batch.targets,
+                                trainer.cfg.train.label_smoothing, autocast=trainer.autocast)
+        loss.backward()
 
     flops = count_flops(fwd_bwd)
     trainer.model.zero_grad(set_to_none=True)

@@ -101,6 +101,7 @@ def train(
         raise NmtError("--checkpoint and --keep-optimizer choose what --init-from loads; add --init-from RUN")
     if nproc < 1:
         raise NmtError(f"--nproc {nproc}: give at least 1 process (one per GPU, or CPU ranks)")
+    distributed.check_gpus(nproc, f"--nproc {nproc}")
     if nproc > 1 and not distributed.launched():
         distributed.run_torchrun(nproc, rank_main, [_argv_without("--nproc")], preload=["nmt.train", "cli.main"])
         return

@@ -26,9 +26,11 @@ starts, which is all a checkpoint needs to resume the order exactly.
 from __future__ import annotations
 
 import math
+import queue
 import random
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from typing import Union
 
 import numpy as np
@@ -49,14 +51,31 @@ ORDER_VERSION = 1
 @dataclass
 class Batch:
     src: torch.Tensor  # (B, S) source ids + EOS, padded
-    src_lens: torch.Tensor  # (B,)
+    src_lens: torch.Tensor  # (B,) on the host always: packing LSTM sequences reads them there
     tgt_in: torch.Tensor  # (B, T) BOS + target ids, padded
     tgt_out: torch.Tensor  # (B, T) target ids + EOS, padded
     ntokens: int  # target tokens that are not padding
+    # The real target tokens, known when the batch is made, so that the loss picks them without
+    # a boolean mask (whose size the host would have to wait for on a GPU):
+    rows: torch.Tensor | None = None  # (K,) their positions in the flattened (B*T,) target, ascending
+    targets: torch.Tensor | None = None  # (K,) their ids: tgt_out.reshape(-1)[rows]
 
-    def to(self, device: torch.device) -> Batch:
-        return Batch(self.src.to(device), self.src_lens.to(device), self.tgt_in.to(device),
-                     self.tgt_out.to(device), self.ntokens)
+    def to(self, device: torch.device, non_blocking: bool = False) -> Batch:
+        """The batch on ``device`` (``src_lens`` stays on the host); ``non_blocking`` copies from pinned memory
+        without waiting for the copy."""
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device, non_blocking=non_blocking)
+
+        return Batch(move(self.src), self.src_lens, move(self.tgt_in), move(self.tgt_out), self.ntokens,
+                     move(self.rows), move(self.targets))
+
+    def pin_memory(self) -> Batch:
+        """The batch in page-locked host memory, from which a copy to a GPU need not block the host."""
+        def pin(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.pin_memory()
+
+        return Batch(pin(self.src), self.src_lens, pin(self.tgt_in), pin(self.tgt_out), self.ntokens,
+                     pin(self.rows), pin(self.targets))
 
 
 # --- lengths and padding, for either kind of corpus -----------------------------------------
@@ -123,12 +142,16 @@ def collate(data: Corpus, indices: Sequence[int] | np.ndarray) -> Batch:
     tgt = _padded(data.tgt, idx, tgt_lens, int(tgt_lens.max()) + 1)  # (B, T): ids, then PAD
     tgt_in = np.concatenate([np.full((len(idx), 1), BOS), tgt[:, :-1]], axis=1)  # (B, T)
     tgt[rows, tgt_lens] = EOS
+    flat = tgt.reshape(-1)
+    real = np.flatnonzero(flat != PAD)  # (K,) ascending: row by row, position by position
     return Batch(
         src=torch.from_numpy(src),
         src_lens=torch.from_numpy(src_lens + 1),
         tgt_in=torch.from_numpy(tgt_in),
         tgt_out=torch.from_numpy(tgt),
         ntokens=int(tgt_lens.sum()) + len(idx),
+        rows=torch.from_numpy(real),
+        targets=torch.from_numpy(flat[real]),
     )
 
 
@@ -326,6 +349,7 @@ class Update:
     target_tokens: int  # this rank's target tokens in them (with EOS)
     epoch: int  # the epoch they belong to
     next_position: tuple[int, int]  # (epoch, batches taken from it) once this update is made
+    collated: list[Batch] | None = None  # the micro-batches collated ahead (prefetch), else None
 
 
 def _in_batch(lens: np.ndarray) -> np.ndarray:
@@ -386,3 +410,55 @@ class EpochBatches:
                 after = (epoch, taken) if taken < len(order) else (epoch + 1, 0)
                 yield Update(group, self.target_tokens(group), epoch, after)
             epoch, taken = epoch + 1, 0
+
+
+class Prefetch:
+    """Updates with their micro-batches collated ahead, on a thread: each comes with ``collated`` filled.
+
+    The thread takes the updates from ``updates`` in their order and stays ``ahead`` of the
+    trainer, so the batch order, the sharding over ranks and the position a checkpoint records
+    are the plain iterator's. ``close()`` stops the thread; what it had taken ahead is dropped
+    (the trainer rebuilds its iterator from the position it reached).
+    """
+
+    def __init__(self, updates: Iterator[Update], collate: Callable[[np.ndarray], Batch], ahead: int = 1):
+        self._queue: queue.Queue = queue.Queue(maxsize=ahead)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(updates, collate), daemon=True,
+                                        name="nmt-prefetch")
+        self._thread.start()
+
+    def _run(self, updates: Iterator[Update], collate: Callable[[np.ndarray], Batch]) -> None:
+        try:
+            for upd in updates:
+                if not self._put(replace(upd, collated=[collate(idx) for idx in upd.batches])):
+                    return
+        except BaseException as e:  # handed to the trainer, raised where it asks for the next update
+            self._put(e)
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self) -> Prefetch:
+        return self
+
+    def __next__(self) -> Update:
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        while True:  # let a put in progress finish
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        self._thread.join(timeout=10)

@@ -114,8 +114,23 @@ class TrainConfig:
     log_every: int = 50
     keep_last: int = 5  # step checkpoints kept for averaging
     average_last: int = 0  # average this many last step checkpoints into averaged.pt at the end
-    threads: int = 0  # torch intra-op threads; 0: all cores
+    threads: int = 0  # torch intra-op threads; 0: the cores this process may use, shared among a node's ranks
     precision: str = "fp32"
+    # fp32 on CUDA: matmuls in TF32 (cuDNN's convolutions and RNNs use it by default anyway);
+    # null: on where it applies. Ignored, with one line, on the CPU.
+    tf32: bool | None = None
+    # GNMT under bf16 or fp16 on CUDA: the LSTMs' dtype (fp32, TF32 where allowed, or bf16),
+    # never autocast's (which would run cuDNN's RNNs in fp16 whatever the autocast dtype).
+    lstm_dtype: str = "fp32"
+    # Several ranks: gradients travel in buckets during the last micro-batch's backward pass
+    # (PyTorch's DistributedDataParallel); false: after it, all at once, which lets a rank that
+    # runs out of memory in any micro-batch split it (see README, "Several GPUs").
+    overlap: bool = True
+    bucket_cap_mb: float = 25.0  # DistributedDataParallel's bucket size
+    grad_compression: str = "none"  # none | bf16: gradients travel as bf16 (half the bytes)
+    # Collate (and pin) the next update's micro-batches on a thread while this one trains;
+    # null: on CUDA only (on a 2-core CPU the thread competes with the intra-op threads).
+    prefetch: bool | None = None
     # How long a collective may wait for a peer before the job fails (torch's default is 30 min).
     dist_timeout_minutes: float = 10.0
     # Also write the logged scalars to RUN/tb/ for TensorBoard (needs the tensorboard package).
@@ -226,7 +241,8 @@ RESUMABLE_CHANGES = {
     "tokenizer.reuse", "train.max_steps", "train.max_epochs", "train.max_minutes", "train.valid_every",
     "train.patience", "train.log_every", "train.keep_last", "train.average_last",
     "train.threads", "train.valid_beam", "train.valid_max_sentences", "train.dist_timeout_minutes", "name",
-    "train.tensorboard",
+    "train.tensorboard", "train.tf32", "train.prefetch", "train.bucket_cap_mb", "train.overlap",
+    "train.grad_compression",
     # Where a fine-tuned run started is history: a resume keeps the recorded one.
     "init_from", *(f"init_from.{f.name}" for f in dataclasses.fields(InitFrom)),
     # How a trained model is decoded does not change what was trained.
@@ -460,6 +476,9 @@ def _train_checks(t: TrainConfig) -> list[Check]:
         ("train.adam_eps", t.adam_eps, t.adam_eps > 0, "must be positive"),
         ("train.dist_timeout_minutes", t.dist_timeout_minutes, t.dist_timeout_minutes > 0, "must be positive"),
         ("train.precision", t.precision, t.precision in ("fp32", "bf16", "fp16"), "must be fp32, bf16 or fp16"),
+        ("train.lstm_dtype", t.lstm_dtype, t.lstm_dtype in ("fp32", "bf16"), "must be fp32 or bf16"),
+        ("train.bucket_cap_mb", t.bucket_cap_mb, t.bucket_cap_mb > 0, "must be positive"),
+        ("train.grad_compression", t.grad_compression, t.grad_compression in ("none", "bf16"), "must be none or bf16"),
         # Averaging reads the step checkpoints kept on disk; asking for more would silently average fewer.
         ("train.average_last", t.average_last, t.average_last <= t.keep_last,
          f"must be at most train.keep_last = {t.keep_last} (the step checkpoints kept to average)"),

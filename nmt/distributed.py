@@ -4,6 +4,13 @@ torchrun (or ``nmt train --nproc N``, which runs torchrun's own launcher in-proc
 starts one process per device and sets RANK, WORLD_SIZE and LOCAL_RANK. Each process
 calls ``setup()``: NCCL on CUDA, gloo on the CPU, with a collective timeout from the
 recipe instead of the 30-minute default, so a lost peer ends the job instead of hanging it.
+
+Gradients travel through PyTorch's ``DistributedDataParallel`` (``wrap``): its buckets are
+all-reduced during the backward pass, as their gradients become ready. DDP averages over
+ranks; nmt's loss is a sum over the update's tokens divided by their count over all ranks,
+so the hooks here sum instead (``sum_hook``, or ``bf16_sum_hook`` for half the bytes).
+``all_reduce_gradients`` is the same sum after the backward pass, for the updates where
+a rank ran out of memory and split a micro-batch (and for ``train.overlap: false``).
 """
 
 from __future__ import annotations
@@ -50,6 +57,7 @@ def setup(timeout_minutes: float = 10.0) -> Context:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     if device.type == "cuda":
+        check_gpus(local_world, f"{local_world} processes on this node")
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
@@ -61,6 +69,14 @@ def setup(timeout_minutes: float = 10.0) -> Context:
                            f"({str(e).splitlines()[0][:120]}); if the port is taken, pick another "
                            "(--master-port or --rdzv-endpoint), and check every node can reach it") from None
     return Context(rank, world, local_rank, local_world, device)
+
+
+def check_gpus(processes: int, what: str) -> None:
+    """Refuse more processes on a node than it has visible GPUs, where it has any (one process per GPU)."""
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if visible and processes > visible:
+        raise NmtError(f"{what}, but this node has {visible} visible GPU(s): one process per GPU "
+                       f"(--nproc {visible} or less; CUDA_VISIBLE_DEVICES chooses which)")
 
 
 def teardown() -> None:
@@ -89,12 +105,34 @@ def patient_group(ctx: Context):
     return dist.new_group(backend="gloo", timeout=PATIENT_TIMEOUT)
 
 
-def all_sum(ctx: Context, values: list[float]) -> list[float]:
-    """Element-wise sum over ranks (one collective for several numbers)."""
+def host_group(ctx: Context, timeout_minutes: float):
+    """A gloo group for small collectives of host numbers with the usual timeout: None (the default
+    group) where that is gloo already, on the CPU, or on one rank. Every rank must call this."""
+    if not ctx.distributed or ctx.device.type != "cuda":
+        return None
+    return dist.new_group(backend="gloo", timeout=timedelta(minutes=timeout_minutes))
+
+
+def broadcast_object(ctx: Context, obj, group=None):
+    """Rank 0's ``obj`` on every rank."""
+    if not ctx.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=group)
+    return box[0]
+
+
+def all_sum(ctx: Context, values: list[float], group=None) -> list[float]:
+    """Element-wise sum over ranks of host numbers (one collective for several).
+
+    ``group``: a gloo group (``patient_group``), where the numbers stay on the host: on CUDA
+    the default NCCL group would copy them to the GPU and wait for the device to read them back.
+    """
     if not ctx.distributed:
         return values
-    t = torch.tensor(values, dtype=torch.float64, device=ctx.device if ctx.device.type == "cuda" else "cpu")
-    dist.all_reduce(t)
+    on_host = group is not None or ctx.device.type != "cuda"
+    t = torch.tensor(values, dtype=torch.float64, device="cpu" if on_host else ctx.device)
+    dist.all_reduce(t, group=group)
     return t.tolist()
 
 
@@ -140,6 +178,55 @@ def all_reduce_gradients(ctx: Context, params: list[torch.nn.Parameter]) -> None
             for g, part in zip(bucket, flat.split([g.numel() for g in bucket])):
                 g.copy_(part.view_as(g))
             bucket, size = [], 0
+
+
+# DDP checks a hook's annotations against its own classes; with postponed evaluation of annotations
+# (``from __future__ import annotations``) they are strings, so the hooks carry none.
+def sum_hook(group, bucket):
+    """DDP communication hook: the bucket (a ``dist.GradBucket``) summed over ranks (DDP's default
+    divides by their number); a future of the summed tensor."""
+    work = dist.all_reduce(bucket.buffer(), group=group, async_op=True)
+    return work.get_future().then(lambda fut: fut.value()[0])
+
+
+def bf16_sum_hook(group, bucket):
+    """DDP communication hook: the bucket summed over ranks in bf16 (half the bytes of fp32)."""
+    buffer = bucket.buffer()
+    compressed = buffer.to(torch.bfloat16)
+    work = dist.all_reduce(compressed, group=group, async_op=True)
+
+    def decompress(fut: torch.futures.Future) -> torch.Tensor:
+        buffer.copy_(fut.value()[0])
+        return buffer
+
+    return work.get_future().then(decompress)
+
+
+HOOKS = {"none": sum_hook, "bf16": bf16_sum_hook}
+
+
+def wrap(ctx: Context, module: torch.nn.Module, bucket_cap_mb: float = 25.0,
+         compression: str = "none") -> torch.nn.parallel.DistributedDataParallel:
+    """``module`` under DistributedDataParallel, its gradients summed over ranks by ``HOOKS[compression]``.
+
+    The module must live on ``ctx.device`` already. Every parameter takes part in every backward
+    pass (the loss reaches them all), buffers are not broadcast (the models keep none that
+    change), and the gradients are views into DDP's buckets (no copy in or out). Not
+    ``static_graph``: it fails with ``no_sync()`` (pytorch#143580).
+    """
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    # device_ids=None: the inputs are moved by the trainer (from pinned memory, without waiting), and
+    # the source lengths stay on the host, where packing LSTM sequences reads them.
+    # Buffers are not synced in the forward pass (broadcast_buffers=False, which torch 2.13 renames).
+    named = inspect.signature(DistributedDataParallel).parameters
+    buffers = "forward_sync_buffers" if "forward_sync_buffers" in named else "broadcast_buffers"
+    ddp = DistributedDataParallel(module, device_ids=None, gradient_as_bucket_view=True, bucket_cap_mb=bucket_cap_mb,
+                                  **{buffers: False})
+    ddp.register_comm_hook(None, HOOKS[compression])
+    return ddp
 
 
 def synchronize(device: torch.device) -> None:

@@ -3,8 +3,10 @@
 Every record has ``event`` and ``step`` (updates made when it was written). The events:
 
 ``start``  (step 0, once) what the run trains on: ``params``, ``device``, ``world_size``,
-           ``threads``, ``precision``, ``max_tokens``, ``update_freq``,
-           ``effective_batch_tokens`` (tokens per update over all ranks and micro-batches),
+           ``threads``, ``precision``, ``tf32`` (TF32 matmuls: fp32 on CUDA), ``max_tokens``,
+           ``update_freq``, ``effective_batch_tokens`` (tokens per update over all ranks and
+           micro-batches), ``overlap`` (DDP summing gradients during the backward pass),
+           ``loss_chunk_rows`` (target tokens per chunk of the fused output layer and loss),
            ``train_pairs``, ``corpora`` (per training corpus: ``corpus``, ``files``, ``weight``,
            ``lines``, ``pairs``, ``dropped_empty``, ``dropped_too_long``, ``pairs_per_epoch``),
            and the hardware (``cpu``, ``cpu_kind``, ``gpu`` on CUDA; see ``nmt.hardware``).

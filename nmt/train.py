@@ -14,15 +14,21 @@ A fine-tuned run (``init_from``) starts from another run's weights (checked by
 The corpus is read from the arrays ``nmt prepare`` writes (prepared here first if they are
 missing or stale), memory-mapped: every rank maps the same files and a resume re-opens them.
 
-Under torchrun every rank runs its backward passes on its own, then the gradients are summed
-over ranks once per update; a micro-batch that runs out of memory is split in halves.
+Under torchrun the model trains under PyTorch's DistributedDataParallel: every micro-batch
+of an update but the last runs under ``no_sync()``, and the last one's backward pass sums the
+gradients over ranks bucket by bucket as they become ready. A micro-batch that runs out of
+memory is split in halves; the ranks agree before the last micro-batch whether any did, and
+if so the gradients travel after the backward pass instead (see ``Trainer.update``).
+
+An update never waits for the device: batches arrive collated (on a thread, with
+``train.prefetch``), with the positions of their real target tokens, and are copied without
+blocking; the loss sums stay on the device until a log record reads them.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
 import random
 import signal
 import threading
@@ -36,13 +42,13 @@ import numpy as np
 import torch
 
 from nmt import checkpoint, config, distributed, rundir
-from nmt.batching import ORDER_VERSION, EpochBatches, Update, WeightedCorpora, epoch_count
+from nmt.batching import ORDER_VERSION, Batch, EpochBatches, Prefetch, Update, WeightedCorpora, epoch_count
 from nmt.config import Config
 from nmt.corpus import PreparedCorpus
 from nmt.data import read_parallel
 from nmt.errors import NmtError
-from nmt.hardware import describe_hardware, hardware, pick_device, same_machine
-from nmt.loss import sequence_loss
+from nmt.hardware import describe_hardware, hardware, pick_device, same_machine, usable_cores
+from nmt.loss import chunk_rows, sequence_loss
 from nmt.metrics import bleu
 from nmt.models import build_model, count_parameters
 from nmt.prepare import prepare_split, prepare_train, run_tokenizer
@@ -54,12 +60,55 @@ from nmt.translate import translate_text
 log = logging.getLogger("nmt")
 
 
-def inverse_sqrt(warmup: int):
-    """Linear warmup to the peak, then decay with 1/sqrt(step) (Vaswani et al. 2017)."""
-    def factor(step: int) -> float:
-        step = max(step, 1)
-        return min(step / max(warmup, 1), math.sqrt(max(warmup, 1) / step))
+# The learning rate schedule's version, kept in last.pt: a run resumes under the schedule it started with.
+# 1: update k used the factor of update k - 1 (the first two both 1 / warmup); 2: update k uses its own.
+SCHEDULE_VERSION = 2
+
+
+def inverse_sqrt(warmup: int, version: int = SCHEDULE_VERSION):
+    """Linear warmup to the peak, then decay with 1/sqrt(k) (Vaswani et al. 2017): update k (from 1)
+    uses ``lr * min(k / warmup, sqrt(warmup / k))``, so the peak is at update ``warmup``.
+
+    ``LambdaLR`` asks for the factor of its step count, the updates made before the one it sets
+    the rate of: 0 for update 1. ``version`` 1 is the schedule of runs started before version 2.
+    """
+    warmup = max(warmup, 1)
+
+    def factor(made: int) -> float:
+        k = made + 1 if version >= 2 else max(made, 1)
+        return min(k / warmup, math.sqrt(warmup / k))
     return factor
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """An allocation failure: ``torch.OutOfMemoryError`` on a GPU (cuDNN's and cuBLAS's workspace
+    allocations included), a RuntimeError saying so on the CPU."""
+    text = str(error)
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in text.lower() \
+        or "can't allocate memory" in text or "CUDNN_STATUS_ALLOC_FAILED" in text \
+        or "CUBLAS_STATUS_ALLOC_FAILED" in text
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, scheduler, scaler: torch.amp.GradScaler,
+                   params: list[torch.nn.Parameter], clip_norm: float) -> bool:
+    """Unscale, clip and step; the schedule moves on only if the step was taken. Returns whether it was.
+
+    With fp16 loss scaling (``scaler`` enabled) a step whose gradients overflowed is skipped and
+    the scale lowered: reading that decision is the one wait for the device in an fp16 update.
+    """
+    scaler.unscale_(optimizer)
+    if clip_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, clip_norm)
+    if not scaler.is_enabled():
+        optimizer.step()
+        scheduler.step()
+        return True
+    scaler.step(optimizer)  # skipped where unscale_ found an inf or NaN
+    taken = not sum(v.item() for v in scaler._found_inf_per_device(optimizer).values())
+    scaler.update()
+    if taken:
+        scheduler.step()
+    return taken
 
 
 @dataclass
@@ -75,13 +124,6 @@ class TrainState:
     best_step: int = 0
     bad_validations: int = 0
     saved_steps: list[int] = field(default_factory=list)
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    """An allocation failure: ``torch.OutOfMemoryError`` on a GPU, a RuntimeError saying so on the CPU."""
-    text = str(error)
-    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in text.lower() \
-        or "can't allocate memory" in text
 
 
 class TrainClock:
@@ -120,6 +162,20 @@ class TrainClock:
         return seconds
 
 
+class BatchLoss(torch.nn.Module):
+    """A batch's forward pass up to its (loss, nll): what DistributedDataParallel wraps, so that the
+    backward pass it watches is the whole of the batch's, the fused output layer included."""
+
+    def __init__(self, model: torch.nn.Module, smoothing: float, autocast, chunk: int):
+        super().__init__()
+        self.model, self.smoothing, self.autocast, self.chunk = model, smoothing, autocast, chunk
+
+    def forward(self, src: torch.Tensor, src_lens: torch.Tensor, tgt_in: torch.Tensor, rows: torch.Tensor,
+                targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return sequence_loss(self.model, src, src_lens, tgt_in, rows, targets, self.smoothing, self.autocast,
+                             self.chunk)
+
+
 # --- the trainer --------------------------------------------------------------------------
 
 class Trainer:
@@ -133,7 +189,7 @@ class Trainer:
     """
 
     def __init__(self, cfg: Config, run_dir: Path, progress_bar: bool = True,
-                 ctx: distributed.Context | None = None):
+                 ctx: distributed.Context | None = None, patient=None):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -148,8 +204,11 @@ class Trainer:
         self.state = TrainState()
         self.runlog = RunLog(self.run_dir / rundir.LOG_FILE, enabled=self.main)
         self.clock = TrainClock(self.device)
-        # Waits for rank 0's data preparation and for validation shares go through this group.
-        self.patient = distributed.patient_group(self.ctx)
+        # Waits for rank 0's data preparation and for validation shares go through this gloo group,
+        # and so do the numbers the ranks agree on each update (they stay on the host).
+        self.patient = patient if patient is not None or not self.ctx.distributed \
+            else distributed.patient_group(self.ctx)
+        self.host_group = distributed.host_group(self.ctx, cfg.train.dist_timeout_minutes)
 
         self._setup_precision()
         self._setup_threads()
@@ -159,20 +218,34 @@ class Trainer:
         self._setup_optimizer()
 
     def _setup_precision(self) -> None:
-        """Autocast and loss scaling for ``train.precision``; refused before any work where it cannot run."""
-        precision = self.cfg.train.precision
-        if precision == "fp16" and self.device.type != "cuda":
+        """Autocast, loss scaling and TF32 for ``train.precision``; refused before any work where it cannot run.
+
+        fp16's loss scale starts at 2^16 times the update's tokens (over all ranks and
+        micro-batches): the loss is divided by them before the backward pass, so that much
+        smaller gradients would otherwise start near fp16's underflow, and the scale grows
+        back only by doubling every 2,000 updates.
+        """
+        tc, cuda = self.cfg.train, self.device.type == "cuda"
+        if tc.precision == "fp16" and not cuda:
             raise NmtError("train.precision=fp16 needs a CUDA GPU (the CPU has no fp16 LSTM kernels and "
                            "gains nothing from fp16); use bf16 or fp32 on the CPU")
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tc.precision)
         self.autocast = torch.autocast(self.device.type, dtype=dtype) if dtype else nullcontext()
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
+        tokens = self.world_size * tc.max_tokens * tc.update_freq
+        self.scaler = torch.amp.GradScaler(self.device.type, init_scale=2.0 ** (16 + int(math.log2(tokens))),
+                                           enabled=tc.precision == "fp16")
+        self.tf32 = bool(cuda and tc.precision == "fp32" and tc.tf32 is not False)
+        if tc.tf32 and not cuda:
+            log.warning("train.tf32 applies to CUDA GPUs; ignored on the %s", self.device.type.upper())
+        if cuda:
+            torch.backends.cuda.matmul.allow_tf32 = self.tf32
 
     def _setup_threads(self) -> None:
+        """Intra-op threads: ``train.threads``, else this process's cores shared among the node's ranks."""
         if self.cfg.train.threads:
             torch.set_num_threads(self.cfg.train.threads)
-        elif self.ctx.distributed and self.device.type == "cpu":  # share the cores among local ranks
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.ctx.local_world_size))
+        elif self.ctx.distributed:
+            torch.set_num_threads(max(1, usable_cores() // self.ctx.local_world_size))
 
     def _setup_logging(self) -> None:
         """The log's outputs; TensorBoard if ``train.tensorboard``: the package checked on every rank,
@@ -201,6 +274,8 @@ class Trainer:
             self.tokenizer = Tokenizer(self.run_dir / MODEL_FILE)
             parts = prepare_train(cfg, self.tokenizer)
             self.valid_data = prepare_split(cfg, self.tokenizer, "valid")
+        # On another node the cache is its own, and preparing there may outlast a collective's timeout.
+        distributed.barrier(self.ctx, self.patient)
         self.tokenizer_sha256 = self.tokenizer.sha256()
         self.train_data = self._join_corpora(parts)
 
@@ -241,18 +316,38 @@ class Trainer:
         return data
 
     def _setup_model(self) -> None:
+        """The model, the same on every rank, and the loss that wraps it: under DistributedDataParallel on
+        several ranks (``train.overlap``), so that the whole of a batch's backward pass is DDP's to watch."""
         tc = self.cfg.train
         torch.manual_seed(tc.seed)  # the same initial model on every rank
         random.seed(tc.seed)
         self.model = build_model(self.cfg.model, len(self.tokenizer)).to(self.device)
+        if self.cfg.model.kind == "gnmt":
+            self.model.lstm_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[tc.lstm_dtype]
         distributed.broadcast_module(self.ctx, self.model)  # one starting point, whatever the seeds did
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        # Fixed for the run (from the device's size and the vocabulary, never from free memory):
+        # the rows decide the order of the output layer's sums.
+        self.chunk = chunk_rows(len(self.tokenizer), self.device)
+        self.batch_loss = BatchLoss(self.model, tc.label_smoothing, self.autocast, self.chunk)
+        self.ddp = None
+        if self.ctx.distributed and tc.overlap:
+            self.ddp = distributed.wrap(self.ctx, self.batch_loss, tc.bucket_cap_mb, tc.grad_compression)
 
     def _setup_optimizer(self) -> None:
         tc = self.cfg.train
         torch.manual_seed(tc.seed + self.rank)  # different dropout masks on every rank
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=tc.lr, betas=tuple(tc.adam_betas),
-                                          eps=tc.adam_eps, weight_decay=tc.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, inverse_sqrt(tc.warmup_steps))
+        self.optimizer = torch.optim.Adam(self.params, lr=tc.lr, betas=tuple(tc.adam_betas), eps=tc.adam_eps,
+                                          weight_decay=tc.weight_decay, fused=self.device.type == "cuda")
+        self._schedule(SCHEDULE_VERSION)
+        self.last_lr = self.optimizer.param_groups[0]["lr"]  # the rate the last update used
+
+    def _schedule(self, version: int) -> None:
+        for group in self.optimizer.param_groups:  # LambdaLR starts from the rate it finds there
+            group["lr"] = group.setdefault("initial_lr", self.cfg.train.lr)
+        self.schedule_version = version
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
+                                                           inverse_sqrt(self.cfg.train.warmup_steps, version))
 
     # --- checkpoints
 
@@ -268,7 +363,8 @@ class Trainer:
                                        self.state.step, len(self.tokenizer), self.model, self.world_size)
         if full:
             state.update(checkpoint.training_state(self.optimizer, self.scheduler, self.scaler,
-                                                   vars(self.state), rng, ORDER_VERSION))
+                                                   vars(self.state), rng, ORDER_VERSION),
+                         schedule=self.schedule_version)
         checkpoint.save(state, self.run_dir / name)
 
     def resume(self) -> None:
@@ -276,6 +372,7 @@ class Trainer:
         path = rundir.checkpoint_path(self.run_dir, "last")
         state = checkpoint.load(path, self.tokenizer_sha256)
         checkpoint.check_resumable(state, path, self.cfg.model.kind, self.world_size, ORDER_VERSION)
+        self._schedule(state.get("schedule", 1))  # a run started before version 2 keeps its schedule
         progress = checkpoint.restore_training(state, self.model, self.optimizer, self.scheduler, self.scaler,
                                                self.rank)
         self.state = TrainState(**progress)
@@ -320,69 +417,97 @@ class Trainer:
         ``total_tokens`` is the number of target tokens in this update over all ranks (this
         rank's by default): each rank's loss is divided by it and the ranks' gradients are
         summed, so N ranks make the same update as one rank with all N batches. The loss and
-        nll returned are this rank's. The position in the epoch is the caller's to keep
-        (``upd.next_position``).
+        nll returned are this rank's, on the device. The position in the epoch is the caller's
+        to keep (``upd.next_position``).
         """
-        tc = self.cfg.train
         total_tokens = total_tokens or upd.target_tokens
         self.model.train()
-        loss_sum, nll_sum = self._backward_all(upd.batches, 1.0 / total_tokens)
-        # The gradients travel once, after this rank's last backward pass: no rank is inside a
-        # collective while another may still run out of memory and split its batch. The cost
-        # against DDP's bucket hooks is the overlap of that all-reduce with the backward pass.
-        distributed.all_reduce_gradients(self.ctx, list(self.model.parameters()))
-        self.scaler.unscale_(self.optimizer)
-        if tc.clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.clip_norm)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
+        loss_sum, nll_sum, summed = self._backward_all(upd, 1.0 / total_tokens)
+        if not summed:  # one rank or train.overlap: false, or a rank split a micro-batch: after the backward pass
+            distributed.all_reduce_gradients(self.ctx, self.params)
+        self.last_lr = self.optimizer.param_groups[0]["lr"]
+        optimizer_step(self.optimizer, self.scheduler, self.scaler, self.params, self.cfg.train.clip_norm)
         return loss_sum, nll_sum, total_tokens
 
-    def _backward_all(self, group: Iterable[np.ndarray], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward and backward over every micro-batch, gradients accumulated; (loss sum, nll sum).
+    def _backward_all(self, upd: Update, scale: float) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """Forward and backward over every micro-batch, gradients accumulated: (loss sum, nll sum, whether
+        DDP summed the gradients over ranks in the last backward pass).
 
         A piece that runs out of memory is replaced by its two halves, down to single sentences:
         the loss is a sum over tokens times ``scale``, so the halves add up to the same gradient.
         Running out in the forward pass leaves the gradients as they were; in the backward pass
         part of the piece's gradient may be in them already, so the update starts over with the
-        pieces it has by then. None of this talks to other ranks.
+        pieces it has by then.
+
+        Under DDP every piece but the last runs under ``no_sync()``. DDP decides in the forward
+        pass whether the backward pass sums over ranks, so before the last piece the ranks agree
+        (one small all-reduce on the host) whether any of them split a piece in this update: if
+        one did, the last piece runs under ``no_sync()`` too and the caller sums after the
+        backward pass, so that every rank makes the same collectives. Running out of memory in
+        the piece whose backward pass sums cannot be recovered (the other ranks are inside the
+        collective): this rank stops with one line, and the job resumes from ``last.pt``.
         """
-        pieces = list(group)
+        collated = upd.collated or [None] * len(upd.batches)
+        pieces: list[tuple[np.ndarray, Batch | None]] = list(zip(upd.batches, collated))
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = nll_sum = torch.zeros((), device=self.device)
+        sync = None if self.ddp is not None else False  # None: not agreed yet
+        split = False
         i = 0
         while i < len(pieces):
-            result = self._forward_backward(pieces[i], scale)
+            if sync is None and i == len(pieces) - 1:
+                sync = len(upd.batches) == 1 or not self._any_rank_split(split)
+            result = self._forward_backward(*pieces[i], scale, syncing=bool(sync) and i == len(pieces) - 1)
             if isinstance(result, tuple):
                 loss_sum, nll_sum, i = loss_sum + result[0], nll_sum + result[1], i + 1
                 continue
-            pieces[i : i + 1] = self._halves(pieces[i])
+            pieces[i : i + 1] = [(half, None) for half in self._halves(pieces[i][0])]
             self.oom_splits += 1
+            split = True
             if result == "backward":
                 self.optimizer.zero_grad(set_to_none=True)
                 loss_sum = nll_sum = torch.zeros((), device=self.device)
                 i = 0
-        return loss_sum, nll_sum
+        return loss_sum, nll_sum, bool(sync)
 
-    def _forward_backward(self, idx: np.ndarray, scale: float) -> tuple[torch.Tensor, torch.Tensor] | str:
-        """Forward and backward of one piece: its (loss, nll), or the phase that ran out of memory."""
-        batch = self.batches.collate(idx).to(self.device)
-        phases = iter(("forward", "backward"))
-        phase = next(phases)
+    def _any_rank_split(self, split: bool) -> bool:
+        """Whether any rank split a micro-batch of this update so far (one all-reduce of a host number)."""
+        return distributed.all_sum(self.ctx, [float(split)], self.host_group)[0] > 0
 
-        def backward(loss: torch.Tensor) -> None:  # the output layer's slices, then the rest
-            nonlocal phase
-            phase = next(phases, phase)
-            self.scaler.scale(loss * scale).backward()
+    def _forward_backward(self, idx: np.ndarray, batch: Batch | None, scale: float,
+                          syncing: bool) -> tuple[torch.Tensor, torch.Tensor] | str:
+        """Forward and backward of one piece: its (loss, nll), or the phase that ran out of memory.
 
+        ``syncing``: this backward pass sums the gradients over ranks (DDP); else DDP is told not to.
+        """
+        batch = self._to_device(batch if batch is not None else self.collate(idx))
+        phase = "forward"
+        quiet = self.ddp.no_sync() if self.ddp is not None and not syncing else nullcontext()
         try:
-            return sequence_loss(self.model, batch.src, batch.src_lens, batch.tgt_in, batch.tgt_out,
-                                 self.cfg.train.label_smoothing, backward, self.autocast)
+            with quiet:
+                loss, nll = (self.ddp or self.batch_loss)(batch.src, batch.src_lens, batch.tgt_in, batch.rows,
+                                                          batch.targets)
+                phase = "backward"
+                self.scaler.scale(loss * scale).backward()
         except RuntimeError as e:
             if not is_out_of_memory(e):
                 raise
+            if syncing:
+                raise NmtError(f"step {self.state.step + 1}: rank {self.rank} ran out of {self.device} memory on "
+                               f"the update's last micro-batch ({len(idx)} sentences), whose backward pass sums the "
+                               "gradients over ranks; the last checkpoint is kept: lower train.max_tokens, or set "
+                               "train.update_freq >= 2 or train.overlap: false to split such batches, and run the "
+                               "same command to resume") from None
             return phase  # leaving the handler drops the exception, and with it the failed graph
+        return loss.detach(), nll
+
+    def collate(self, idx: np.ndarray) -> Batch:
+        """A micro-batch's tensors on the host, in pinned memory on CUDA (copied from without waiting)."""
+        batch = self.batches.collate(idx)
+        return batch.pin_memory() if self.device.type == "cuda" else batch
+
+    def _to_device(self, batch: Batch) -> Batch:
+        return batch.to(self.device, non_blocking=self.device.type == "cuda")
 
     def _halves(self, idx: np.ndarray) -> list[np.ndarray]:
         """The two halves of a piece that ran out of memory (a batch holds pairs of similar lengths)."""
@@ -409,12 +534,12 @@ class Trainer:
         order. Translations do not depend on the batch they are in: BLEU is that of one rank.
         """
         self.model.eval()
-        loss_sum, nll_sum, ntokens = 0.0, 0.0, 0
+        sums, ntokens = torch.zeros(2, dtype=torch.float64, device=self.device), 0
         for idx in self.valid_batches.epoch(0):
-            batch = self.valid_batches.collate(idx).to(self.device)
-            loss, nll = sequence_loss(self.model, batch.src, batch.src_lens, batch.tgt_in, batch.tgt_out,
-                                      self.cfg.train.label_smoothing, autocast=self.autocast)
-            loss_sum, nll_sum, ntokens = loss_sum + float(loss), nll_sum + float(nll), ntokens + batch.ntokens
+            batch = self._to_device(self.valid_batches.collate(idx))
+            sums += torch.stack(self.batch_loss(batch.src, batch.src_lens, batch.tgt_in, batch.rows, batch.targets))
+            ntokens += batch.ntokens
+        loss_sum, nll_sum = sums.tolist()  # one wait for the device
         search = replace(self.cfg.search, beam=self.cfg.train.valid_beam, n_best=1, sampling="none")
         hyps = translate_text(self.model, self.tokenizer, self.valid_src[self.rank :: self.world_size], search)
         shares = distributed.gather_to_main(self.ctx, (loss_sum, nll_sum, ntokens, hyps), self.patient)
@@ -468,11 +593,13 @@ class Trainer:
         tc = self.cfg.train
         if self.state.step == 0:
             self.runlog.write(event="start", params=count_parameters(self.model), device=str(self.device),
-                           world_size=self.world_size, threads=torch.get_num_threads(),
-                           precision=tc.precision, max_tokens=tc.max_tokens, update_freq=tc.update_freq,
-                           effective_batch_tokens=self.world_size * tc.max_tokens * tc.update_freq,
-                           train_pairs=len(self.train_data), corpora=self.corpora_record,
-                           **hardware(self.device), step=0)
+                              world_size=self.world_size, threads=torch.get_num_threads(),
+                              precision=tc.precision, tf32=self.tf32, max_tokens=tc.max_tokens,
+                              update_freq=tc.update_freq,
+                              effective_batch_tokens=self.world_size * tc.max_tokens * tc.update_freq,
+                              overlap=self.ddp is not None, loss_chunk_rows=self.chunk,
+                              train_pairs=len(self.train_data), corpora=self.corpora_record,
+                              **hardware(self.device), step=0)
         elif self.runlog.enabled:  # a run continued on another machine mixes two speeds on one clock
             here = hardware(self.device)
             self.runlog.write(event="resume", **here, step=self.state.step)
@@ -510,15 +637,18 @@ class Trainer:
         self.trainlog.open_bar(st.step, tc.max_steps)
         window = self._new_window()
         validated_at = st.step
+        if tc.prefetch if tc.prefetch is not None else self.device.type == "cuda":
+            updates = Prefetch(updates, self.collate)
         self.clock.start()
         try:
             while True:
-                # One collective per update carries both the stop decision (any rank's limit or
-                # signal) and the update's target tokens over all ranks.
+                # One collective per update, of host numbers, carries both the stop decision (any
+                # rank's limit or signal) and the update's target tokens over all ranks.
                 reason = self._limits_reached()
                 upd = next(updates) if reason is None else None
                 stop, interrupt, ntokens = distributed.all_sum(self.ctx, [
-                    float(reason is not None), float(self.stop_requested), float(upd.target_tokens if upd else 0)])
+                    float(reason is not None), float(self.stop_requested), float(upd.target_tokens if upd else 0)],
+                    self.host_group)
                 if interrupt:
                     raise _Interrupted
                 if stop:
@@ -552,6 +682,8 @@ class Trainer:
             raise NmtError(f"stopped during step {st.step + 1}; the last checkpoint written is kept: "
                            "run the same command to resume from it") from None
         finally:
+            if isinstance(updates, Prefetch):
+                updates.close()
             for s, h in handlers.items():
                 signal.signal(s, h)
             self.updates = self._updates_from_position()  # an update taken but not made is taken again
@@ -567,8 +699,8 @@ class Trainer:
         log.info("stopped at step %d: %s; best valid BLEU %.2f at step %d", st.step, reason,
                  st.best_bleu, st.best_step)
         self.runlog.write(event="end", step=st.step, reason=reason, train_seconds=round(st.train_seconds, 3),
-                       valid_seconds=round(st.valid_seconds, 3), best_bleu=st.best_bleu,
-                       best_step=st.best_step)
+                          valid_seconds=round(st.valid_seconds, 3), best_bleu=st.best_bleu,
+                          best_step=st.best_step)
         return st
 
     def _count_train_time(self, window: dict, seconds: float) -> None:
@@ -585,7 +717,7 @@ class Trainer:
         self._count_train_time(window, self.clock.lap())  # that wait was training time
         self.trainlog.train(Reading(
             step=st.step, epoch=st.epoch, loss=loss, nll=nll, tokens=window["tokens"], seconds=window["seconds"],
-            lr=self.scheduler.get_last_lr()[0], oom_splits=int(splits), train_seconds=st.train_seconds,
+            lr=self.last_lr, oom_splits=int(splits), train_seconds=st.train_seconds,
             valid_seconds=st.valid_seconds))
         window.update(self._new_window())
 
@@ -603,6 +735,39 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
+def check_shared(ctx: distributed.Context, run_dir: Path, patient) -> None:
+    """Refuse, on every rank, a job some of whose ranks do not see rank 0's run directory.
+
+    Every rank reads and writes the run directory (rank 0's tokenizer, the checkpoints to
+    resume from), so on several nodes it must be on a file system they share. Rank 0 writes a
+    token file there; each rank checks that it sees it, through the patient gloo group, before
+    any collective of the training itself. A node whose rank cannot see it stops with one line.
+    """
+    if not ctx.distributed:
+        return
+    import socket
+    import uuid
+
+    token_path = run_dir / ".job-token"
+    token = None
+    if ctx.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        token = uuid.uuid4().hex
+        token_path.write_text(token, encoding="utf-8")
+    token = distributed.broadcast_object(ctx, token, patient)
+    try:
+        seen = token_path.read_text(encoding="utf-8") == token
+    except OSError:
+        seen = False
+    where = distributed.gather_objects(ctx, (seen, socket.gethostname()), patient)
+    if ctx.main:
+        token_path.unlink(missing_ok=True)
+    blind = [f"rank {rank} on {host}" for rank, (ok, host) in enumerate(where) if not ok]
+    if blind:
+        raise NmtError(f"{', '.join(blind)} cannot see {run_dir} as rank 0 writes it: every node of a job must "
+                       "see one run directory (a shared file system, at the same path); give --run such a directory")
+
+
 def train(cfg: Config, run_dir: Path, progress_bar: bool = True) -> TrainState:
     """Train ``cfg`` into ``run_dir``, resuming if it holds a ``last.pt``.
 
@@ -613,9 +778,11 @@ def train(cfg: Config, run_dir: Path, progress_bar: bool = True) -> TrainState:
     if not ctx.main:  # one voice: the other ranks speak only to warn
         log.setLevel(logging.WARNING)
     try:
+        patient = distributed.patient_group(ctx)
+        check_shared(ctx, Path(run_dir), patient)
         cfg, resume = rundir.open_run(cfg, Path(run_dir), write=ctx.main)
-        distributed.barrier(ctx)
-        trainer = Trainer(cfg, run_dir, progress_bar=progress_bar, ctx=ctx)
+        distributed.barrier(ctx, patient)
+        trainer = Trainer(cfg, run_dir, progress_bar=progress_bar, ctx=ctx, patient=patient)
         if resume:
             trainer.resume()
         else:  # what an earlier start wrote before it saved anything is not this run's

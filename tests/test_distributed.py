@@ -124,10 +124,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+# Under DDP an out-of-memory split needs a micro-batch before the one whose backward pass sums the
+# gradients (update_freq >= 2), or the sum after the backward pass (train.overlap: false).
+@pytest.mark.parametrize("setting", [{"overlap": False}, {"update_freq": 2}], ids=["no-overlap", "update-freq-2"])
 def test_a_rank_that_runs_out_of_memory_splits_its_batches_and_stays_in_step(
-        tmp_path: Path, corpus: Path, trained_run: Path) -> None:
+        tmp_path: Path, corpus: Path, trained_run: Path, setting: dict) -> None:
     # Adam's eps as in tests/test_train.py: rounding noise must not decide any step.
-    spm, steps = trained_run / "spm.model", {"max_steps": 4, "adam_eps": 1e-6}
+    spm, steps = trained_run / "spm.model", {"max_steps": 4, "adam_eps": 1e-6, **setting}
     run = tmp_path / "run"
     job = torch.multiprocessing.start_processes(
         _rank_that_may_run_out_of_memory, args=(str(recipe(tmp_path, corpus, spm, **steps)), str(run),
@@ -135,14 +138,54 @@ def test_a_rank_that_runs_out_of_memory_splits_its_batches_and_stays_in_step(
         nprocs=2, join=False, start_method="spawn")
     wait_for(job)
     splits = [r["oom_splits"] for r in train_records(run)]
-    assert len(splits) == 4 and all(n > 0 for n in splits)  # rank 1's splits, logged by rank 0
+    assert len(splits) == 4 and sum(splits) >= 3  # rank 1's splits, logged by rank 0
     rank0, rank1 = (torch.load(run / f"rank{r}.params") for r in (0, 1))
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
-    # The same updates without a fault: one rank with both batches of every update.
-    train(config.load_recipe(recipe(tmp_path, corpus, spm, update_freq=2, **steps)), tmp_path / "one",
-          progress_bar=False)
+    # The same updates without a fault: one rank with both ranks' batches of every update.
+    one = {**steps, "overlap": True, "update_freq": 2 * steps.get("update_freq", 1)}
+    train(config.load_recipe(recipe(tmp_path, corpus, spm, **one)), tmp_path / "one", progress_bar=False)
     unsplit = checkpoint.load(tmp_path / "one" / "last.pt")["model"]
     assert max((rank0[k] - unsplit[k]).abs().max().item() for k in unsplit) < 1e-6
+
+
+def test_running_out_of_memory_where_ddp_sums_the_gradients_stops_the_job_with_one_line(
+        tmp_path: Path, corpus: Path, trained_run: Path) -> None:
+    run = tmp_path / "run"
+    job = torch.multiprocessing.start_processes(
+        _rank_that_may_run_out_of_memory, args=(str(recipe(tmp_path, corpus, trained_run / "spm.model",
+                                                           max_steps=4)), str(run), free_port(), 1, 20),
+        nprocs=2, join=False, start_method="spawn")
+    with pytest.raises(torch.multiprocessing.ProcessRaisedException) as failed:
+        wait_for(job)
+    message = str(failed.value).strip().splitlines()[-1]
+    assert message.startswith("nmt.errors.NmtError: step 1: rank 1 ran out of cpu memory on the update's last "
+                              "micro-batch") and "train.overlap: false" in message
+    assert not (run / "last.pt").exists()  # nothing was saved at a step that did not happen
+
+
+def _rank_on_its_own_node(rank: int, recipe: str, runs: list[str], port: int) -> None:
+    """One rank of a 2-rank job, each rank on a "node" that has its own directory at the run's path."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE="2", LOCAL_WORLD_SIZE="1",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    try:
+        train(config.load_recipe(Path(recipe)), Path(runs[rank]), progress_bar=False)
+    except NmtError as e:
+        Path(runs[rank]).mkdir(parents=True, exist_ok=True)
+        (Path(runs[rank]) / "error.txt").write_text(str(e))
+
+
+def test_nodes_that_do_not_share_the_run_directory_stop_before_training(tmp_path: Path, corpus: Path,
+                                                                        trained_run: Path) -> None:
+    runs = [str(tmp_path / "node0" / "run"), str(tmp_path / "node1" / "run")]
+    job = torch.multiprocessing.start_processes(
+        _rank_on_its_own_node, args=(str(recipe(tmp_path, corpus, trained_run / "spm.model", max_steps=2)), runs,
+                                     free_port()), nprocs=2, join=False, start_method="spawn")
+    wait_for(job)
+    errors = [(Path(run) / "error.txt").read_text() for run in runs]
+    for run, error in zip(runs, errors):  # every rank stops, naming the rank that cannot see
+        assert len(error.splitlines()) == 1 and "shared file system" in error
+        assert error.startswith(f"rank 1 on {socket.gethostname()} cannot see {run} as rank 0 writes it")
+    assert not (Path(runs[0]) / "log.jsonl").exists() and not list(Path(runs[0]).glob(".job-token"))
 
 
 def test_resuming_with_another_number_of_ranks_is_refused(two_rank_run, tmp_path: Path) -> None:
@@ -265,8 +308,8 @@ def test_bf16_trains_and_saves_fp32(tmp_path: Path, corpus: Path, trained_run: P
         path.write_text(yaml.safe_dump(raw))
     cfg = config.load_recipe(path)
     dtypes = set()
-    loss = nmt_loss.label_smoothed_nll
-    monkeypatch.setattr(nmt_loss, "label_smoothed_nll",
+    loss = nmt_loss.chunk_loss
+    monkeypatch.setattr(nmt_loss, "chunk_loss",
                         lambda logits, *args: dtypes.add(logits.dtype) or loss(logits, *args))
     train(cfg, tmp_path / "run", progress_bar=False)
     assert dtypes == {torch.bfloat16}  # the model really ran in bf16

@@ -2,14 +2,18 @@
 
     features(src, src_lens, tgt_in) -> (B, T, D)                   teacher forcing, up to the output layer
     logits(features) -> (..., V)                                    the output layer
+    output_weight() -> (V, D)                                       its weight W: logits = features @ W.T, no bias
     forward(src, src_lens, tgt_in) = logits(features(...))          (B, T, V) logits
     encode(src, src_lens) -> Memory                                 encoder output + padding mask
     init_state(memory, beam=1) -> DecoderState                      empty decoder state, beam rows per sentence
     step(tokens, state, need_attention=False)
         -> ((N, V) log-probs, DecoderState)                         one more target token per row
 
-Training asks for ``features`` and applies ``logits`` to a slice of target positions at a
-time (nmt/loss.py), so the (tokens x vocabulary) logits of a whole batch never exist at once.
+Training asks for ``features`` and ``output_weight`` and applies the output layer itself,
+fused with the loss, to a chunk of target positions at a time (nmt/loss.py), so the
+(tokens x vocabulary) logits of a whole batch never exist at once. ``output_weight`` is the
+trained parameter (the tied embedding), whatever ``logits`` uses for decoding (an int8 copy
+once quantized).
 
 Sentences and rows. A decoder state decodes ``n`` sentences in ``N = n * beam`` rows, and
 row ``r`` belongs to sentence ``r // beam``, always. ``init_state`` sets the first ``beam``
@@ -77,6 +81,10 @@ class Seq2Seq(nn.Module):
         raise NotImplementedError
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def output_weight(self) -> torch.Tensor:
+        """The (V, D) weight of the output layer: ``logits = features @ W.T``, no bias."""
         raise NotImplementedError
 
     def encode(self, src: torch.Tensor, src_lens: torch.Tensor) -> Memory:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from nmt.config import GNMTConfig
 from nmt.models.base import Dropout, Memory, Seq2Seq
@@ -43,8 +43,35 @@ def lstm_input(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def run_lstm(lstm: nn.LSTM, x: torch.Tensor, hx=None):
-    return lstm(lstm_input(x), hx)
+def outside_autocast(device_type: str) -> bool:
+    """Whether LSTMs must run outside autocast: on CUDA under autocast, whose wrapper of cuDNN's RNN
+    casts its inputs and weights to fp16 whatever the autocast dtype (``AutocastRNN.cpp`` in
+    PyTorch's ``aten/src/ATen/cudnn``): under bf16 that is fp16 without loss scaling, where the
+    gradients of a loss divided by an update's tokens (about 1e-6 per element) underflow."""
+    return device_type == "cuda" and torch.is_autocast_enabled("cuda")
+
+
+def _cast(x, dtype: torch.dtype):
+    if isinstance(x, PackedSequence):
+        return x._replace(data=x.data.to(dtype))
+    if isinstance(x, tuple):
+        return tuple(t.to(dtype) for t in x)
+    return None if x is None else x.to(dtype)
+
+
+def run_lstm(lstm: nn.LSTM, x, hx=None, dtype: torch.dtype = torch.float32):
+    """``lstm(x, hx)`` under the precision rules: on CUDA under autocast, outside it in ``dtype`` (fp32,
+    TF32 where cuDNN allows it, or bf16 with bf16 copies of the weights, made once per call);
+    elsewhere under autocast as it is (bf16 on the CPU)."""
+    device_type = x.data.device.type if isinstance(x, PackedSequence) else x.device.type
+    if not outside_autocast(device_type):
+        return lstm(lstm_input(x) if isinstance(x, torch.Tensor) else x, hx)
+    with torch.autocast(device_type, enabled=False):
+        x, hx = _cast(x, dtype), _cast(hx, dtype)
+        if dtype == torch.float32:
+            return lstm(x, hx)
+        weights = {name: p.to(dtype) for name, p in lstm.named_parameters()}
+        return torch.func.functional_call(lstm, weights, (x, hx))
 
 
 class NormalizedBahdanauAttention(nn.Module):
@@ -87,11 +114,20 @@ class Encoder(nn.Module):
             nn.LSTM(2 * h if i == 0 else h, h, batch_first=True) for i in range(cfg.encoder_layers - 1))
         self.drop = Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
-        packed = pack_padded_sequence(lstm_input(x), lens.cpu(), batch_first=True, enforce_sorted=False)
-        x, _ = pad_packed_sequence(self.bidir(packed)[0], batch_first=True, total_length=x.size(1))  # (B, S, 2H)
+    def forward(self, x: torch.Tensor, lens: torch.Tensor, lstm_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``lens`` (B,) on the host, as training's batches keep them (a copy from a GPU would wait);
+        longest first, as training's batches come, is packed without sorting."""
+        lens = lens if lens.device.type == "cpu" else lens.cpu()
+        try:  # sorting would copy an index to the device and wait for it
+            packed = pack_padded_sequence(lstm_input(x), lens, batch_first=True, enforce_sorted=True)
+        except RuntimeError:  # not longest first (decoding's batches are sorted shortest first)
+            packed = pack_padded_sequence(lstm_input(x), lens, batch_first=True, enforce_sorted=False)
+        # The initial state given: made from the packed batch sizes, it would be read from a tensor.
+        zeros = packed.data.new_zeros(2, x.size(0), self.bidir.hidden_size)  # (2 directions, B, H)
+        out = run_lstm(self.bidir, packed, (zeros, zeros), dtype=lstm_dtype)[0]
+        x, _ = pad_packed_sequence(out, batch_first=True, total_length=x.size(1))  # (B, S, 2H)
         for i, layer in enumerate(self.layers):
-            y, _ = run_lstm(layer, self.drop(x))  # (B, S, H)
+            y, _ = run_lstm(layer, self.drop(x), dtype=lstm_dtype)  # (B, S, H)
             x = x + y if i >= 1 else y  # residual from the third layer on
         return x
 
@@ -136,6 +172,8 @@ class GNMT(Seq2Seq):
         self.drop = Dropout(cfg.dropout)
         # None: logits through the tied embedding; nmt.quantize sets an int8 copy of it here.
         self.output_projection: nn.Module | None = None
+        # The LSTMs' dtype where they cannot run under autocast (CUDA; see run_lstm): train.lstm_dtype.
+        self.lstm_dtype = torch.float32
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -153,20 +191,20 @@ class GNMT(Seq2Seq):
 
     def encode(self, src: torch.Tensor, src_lens: torch.Tensor) -> Memory:
         x = self.drop(self.embed(src))  # (B, S, E)
-        return Memory(self.encoder(x, src_lens), src != PAD)
+        return Memory(self.encoder(x, src_lens, self.lstm_dtype), src != PAD)
 
     def _decode(self, tgt: torch.Tensor, hidden, keys, memory, mask, beam: int = 1):
         """Run the decoder over ``tgt`` (B, T); returns features (B, T, E), new hidden, attention
         (B, T, S). With ``beam`` k, T is 1 and keys, memory and mask have one row per k rows
         of ``tgt`` (a sentence's beams)."""
-        x, first = run_lstm(self.decoder_first, self.drop(self.embed(tgt)), hidden[0])  # (B, T, H)
+        x, first = run_lstm(self.decoder_first, self.drop(self.embed(tgt)), hidden[0], self.lstm_dtype)  # (B, T, H)
         # The beams of a sentence query its memory together, as target positions do.
         queries = x.view(keys.size(0), -1, x.size(-1))  # (n, k * T, H)
         context, weights = self.attention(queries, keys, memory, mask)  # (n, k * T, H), (n, k * T, S)
         context, weights = context.view_as(x), weights.view(*x.shape[:2], -1)  # (B, T, H), (B, T, S)
         new_hidden = [first]
         for i, layer in enumerate(self.decoder_layers):
-            y, state = run_lstm(layer, self.drop(torch.cat([x, context], -1)), hidden[i + 1])
+            y, state = run_lstm(layer, self.drop(torch.cat([x, context], -1)), hidden[i + 1], self.lstm_dtype)
             x = x + y if i >= 1 else y  # residual from the third layer on
             new_hidden.append(state)
         out = self.drop(self.classifier(self.drop(torch.cat([x, context], -1))))  # (B, T, E)
@@ -176,6 +214,9 @@ class GNMT(Seq2Seq):
         if self.output_projection is not None:
             return self.output_projection(features)
         return F.linear(features, self.embed.weight)  # (..., V)
+
+    def output_weight(self) -> torch.Tensor:
+        return self.embed.weight  # (V, D) tied with the embedding
 
     def _zero_hidden(self, n: int, like: torch.Tensor):
         zeros = like.new_zeros(1, n, self.cfg.hidden)

@@ -289,6 +289,9 @@ class Transformer(Seq2Seq):
             return self.output_projection(features)
         return F.linear(features, self.embed.weight)  # (..., V)
 
+    def output_weight(self) -> torch.Tensor:
+        return self.embed.weight  # (V, D) tied with the embedding
+
     def features(self, src: torch.Tensor, src_lens: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
         memory = self.encode(src, src_lens)
         mask = memory.mask[:, None, None, :]
