@@ -118,7 +118,8 @@ class HostReads(TorchDispatchMode):
         if name in self.OPS and not (first is not None and first.data_ptr() in self.allowed):
             self.found.append(name)
         indices = args[1] if name.startswith("aten::index") and len(args) > 1 else ()
-        if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices or ()):
+        if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in
+               (indices if isinstance(indices, list | tuple) else ())):
             self.found.append(f"{name} with a boolean mask")
         return func(*args, **(kwargs or {}))
 
