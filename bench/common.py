@@ -92,3 +92,48 @@ def count_flops(fn) -> int:
 
 def median(values: list[float]) -> float:
     return statistics.median(values)
+
+
+# --- two source trees side by side ----------------------------------------------------------------
+
+def run_in_tree(tree: Path, command: list[str], what: str, env: dict[str, str] | None = None) -> dict:
+    """Run ``command`` with ``PYTHONPATH=TREE`` from ``tree`` and return the JSON object of the last line
+    it prints that is one; exits naming ``what`` if it fails or imported nmt from elsewhere (the
+    object's ``nmt`` is the ``nmt.__file__`` the child saw)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run(command, env={**os.environ, **(env or {}), "PYTHONPATH": str(tree.resolve())}, cwd=tree,
+                          capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        sys.exit(f"{what} of {tree} failed:\n{proc.stderr[-3000:]}")
+    result = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+    if not Path(result["nmt"]).resolve().is_relative_to(tree.resolve()):
+        sys.exit(f"{what}: {tree} imported nmt from {result['nmt']}, not from its own tree")
+    return result
+
+
+def add_tree_arguments(parser, target: str, target_help: str) -> None:
+    """The arguments of a script that compares two trees on a recipe or run: OLD_TREE TARGET [--new-tree]."""
+    parser.add_argument("old_tree", type=Path, help="the other source tree (git worktree add /tmp/old COMMIT)")
+    parser.add_argument(target, type=Path, help=target_help)
+    parser.add_argument("--new-tree", type=Path, default=Path(__file__).resolve().parent.parent)
+
+
+def add_training_arguments(parser, rounds: int, steps: int) -> None:
+    """OLD_TREE RECIPE --spm [--new-tree --rounds --steps --warmup --set]: two trees training one recipe."""
+    add_tree_arguments(parser, "recipe", "the recipe to train (its data prepared as nmt train prepares it)")
+    parser.add_argument("--spm", type=Path, required=True, help="SentencePiece model to reuse")
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+
+
+def training_job(args, *overrides: str) -> dict:
+    """What a child trainer of ``run_in_tree`` needs from ``add_training_arguments``'s arguments."""
+    return {"recipe": str(args.recipe.resolve()), "warmup": args.warmup, "steps": args.steps,
+            "overrides": [f"tokenizer.reuse={args.spm.resolve()}", "train.valid_every=0", *overrides,
+                          *args.overrides]}

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import add_tree_arguments, run_in_tree  # noqa: E402
 
 CHILD = r"""
 import dataclasses, json, sys, time
@@ -51,22 +52,13 @@ print(json.dumps(out))
 
 
 def decode(tree: Path, job: dict) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(tree.resolve()), "OMP_NUM_THREADS": str(job["threads"])}
-    proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(job)], env=env, cwd=tree,
-                          capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        sys.exit(f"compare_outputs: the decoder of {tree} failed:\n{proc.stderr}")
-    result = json.loads(proc.stdout.splitlines()[-1])
-    if not Path(result["nmt"]).resolve().is_relative_to(tree.resolve()):
-        sys.exit(f"compare_outputs: {tree} imported nmt from {result['nmt']}, not from its own tree")
-    return result
+    return run_in_tree(tree, [sys.executable, "-c", CHILD, json.dumps(job)], "compare_outputs: the decoder",
+                       {"OMP_NUM_THREADS": str(job["threads"])})
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("old_tree", type=Path)
-    parser.add_argument("run", type=Path)
-    parser.add_argument("--new-tree", type=Path, default=Path(__file__).resolve().parent.parent)
+    add_tree_arguments(parser, "run", "the run directory both trees decode with")
     parser.add_argument("--src", type=Path, help="source lines (default: the run's test split)")
     parser.add_argument("--lines", type=int, default=300)
     parser.add_argument("--checkpoint", default="best")

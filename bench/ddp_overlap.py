@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import add_training_arguments, run_in_tree, training_job  # noqa: E402
 
 CHILD = r"""
 import json, statistics, sys, tempfile, time
@@ -86,34 +87,18 @@ def job_run(tree: Path, job: dict, procs: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="nmt-ddp-") as run:
         child = Path(run) / "child.py"
         child.write_text(CHILD, encoding="utf-8")
-        env = {**os.environ, "PYTHONPATH": str(tree.resolve()), "OMP_NUM_THREADS": "1"}
-        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                               f"--nproc-per-node={procs}", str(child), json.dumps({**job, "run": run})],
-                              env=env, cwd=tree, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        sys.exit(f"ddp_overlap: the job of {tree} failed:\n{proc.stderr[-3000:]}")
-    result = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
-    if not Path(result["nmt"]).resolve().is_relative_to(tree.resolve()):
-        sys.exit(f"ddp_overlap: {tree} imported nmt from {result['nmt']}, not from its own tree")
-    return result
+        return run_in_tree(tree, [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                  f"--nproc-per-node={procs}", str(child), json.dumps({**job, "run": run})],
+                           "ddp_overlap: the job", {"OMP_NUM_THREADS": "1"})
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("old_tree", type=Path)
-    parser.add_argument("recipe", type=Path)
-    parser.add_argument("--new-tree", type=Path, default=Path("."))
-    parser.add_argument("--spm", type=Path, required=True, help="SentencePiece model to reuse")
+    add_training_arguments(parser, rounds=3, steps=20)
     parser.add_argument("--procs", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
 
-    job = {"recipe": str(args.recipe.resolve()), "warmup": args.warmup, "steps": args.steps,
-           "overrides": [f"tokenizer.reuse={args.spm.resolve()}", "train.valid_every=0", "train.threads=1",
-                         *args.overrides]}
+    job = training_job(args, "train.threads=1")
     found: dict[str, list[dict]] = {"old": [], "new": []}
     for r in range(args.rounds):
         for name, tree in (("old", args.old_tree), ("new", args.new_tree)):

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import add_training_arguments, run_in_tree, training_job  # noqa: E402
 
 CHILD = r"""
 import json, sys, tempfile, time
@@ -46,31 +47,16 @@ print(json.dumps({"nmt": nmt.__file__, "tokens": tokens, "seconds": seconds}))
 
 
 def window(tree: Path, job: dict) -> float:
-    env = {**os.environ, "PYTHONPATH": str(tree.resolve())}
-    proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(job)], env=env, cwd=tree, capture_output=True,
-                          text=True, check=False)
-    if proc.returncode != 0:
-        sys.exit(f"train_ab: the trainer of {tree} failed:\n{proc.stderr[-3000:]}")
-    result = json.loads(proc.stdout.splitlines()[-1])
-    if not Path(result["nmt"]).resolve().is_relative_to(tree.resolve()):
-        sys.exit(f"train_ab: {tree} imported nmt from {result['nmt']}, not from its own tree")
+    result = run_in_tree(tree, [sys.executable, "-c", CHILD, json.dumps(job)], "train_ab: the trainer")
     return result["tokens"] / result["seconds"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("old_tree", type=Path)
-    parser.add_argument("recipe", type=Path)
-    parser.add_argument("--new-tree", type=Path, default=Path("."))
-    parser.add_argument("--spm", type=Path, required=True, help="SentencePiece model to reuse")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    add_training_arguments(parser, rounds=5, steps=10)
     args = parser.parse_args()
 
-    job = {"recipe": str(args.recipe.resolve()), "warmup": args.warmup, "steps": args.steps,
-           "overrides": [f"tokenizer.reuse={args.spm.resolve()}", "train.valid_every=0", *args.overrides]}
+    job = training_job(args)
     rates: dict[str, list[float]] = {"old": [], "new": []}
     for r in range(args.rounds):
         for name, tree in (("old", args.old_tree), ("new", args.new_tree)):

@@ -61,6 +61,16 @@ def tiny_recipe(data_dir: Path, **train) -> dict:
     }
 
 
+def small_recipe(corpus: Path, spm: Path, kind: str = "transformer", **train) -> config.Config:
+    """The tiny recipe (a Transformer, or a GNMT as small) with a trained run's tokenizer, six updates
+    logged one by one, no validation."""
+    raw = tiny_recipe(corpus, **{"max_steps": 6, "valid_every": 0, "log_every": 1, **train})
+    raw["tokenizer"]["reuse"] = str(spm)
+    if kind == "gnmt":
+        raw["model"] = {"kind": "gnmt", "embed_dim": 32, "hidden": 48, "max_positions": 64, "dropout": 0.1}
+    return config.from_dict(raw)
+
+
 @pytest.fixture
 def nmt_log(caplog):
     """caplog that sees each record of the "nmt" logger once, also after a CLI test stopped the

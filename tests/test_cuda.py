@@ -16,10 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_recipe
+from conftest import small_recipe
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from nmt import config
 from nmt.train import Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,17 +26,10 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 LSTM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def recipe(corpus: Path, spm: Path, kind: str = "transformer", **train_cfg) -> config.Config:
-    """The tiny recipe (a Transformer, or a GNMT as small), the conftest run's tokenizer, no validation."""
-    raw = tiny_recipe(corpus, **{"max_steps": 6, "valid_every": 0, "log_every": 1, **train_cfg})
-    raw["tokenizer"]["reuse"] = str(spm)
-    if kind == "gnmt":
-        raw["model"] = {"kind": "gnmt", "embed_dim": 32, "hidden": 48, "max_positions": 64, "dropout": 0.1}
-    return config.from_dict(raw)
 
 
 def gpu_trainer(tmp_path: Path, corpus: Path, trained_run: Path, kind: str = "transformer", **train_cfg) -> Trainer:
-    trainer = Trainer(recipe(corpus, trained_run / "spm.model", kind, **train_cfg), tmp_path / "run",
+    trainer = Trainer(small_recipe(corpus, trained_run / "spm.model", kind, **train_cfg), tmp_path / "run",
                       progress_bar=False)
     assert trainer.device.type == "cuda"
     return trainer

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import tiny_recipe
+from conftest import small_recipe
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from nmt import checkpoint, config, distributed
@@ -19,14 +19,6 @@ from nmt.batching import Prefetch
 from nmt.models import build_model
 from nmt.models import gnmt as gnmt_module
 from nmt.train import Trainer, inverse_sqrt, is_out_of_memory, optimizer_step, train
-
-
-def recipe(corpus: Path, spm: Path, kind: str = "transformer", **train_cfg) -> config.Config:
-    raw = tiny_recipe(corpus, **{"max_steps": 6, "valid_every": 0, "log_every": 1, **train_cfg})
-    raw["tokenizer"]["reuse"] = str(spm)
-    if kind == "gnmt":
-        raw["model"] = {"kind": "gnmt", "embed_dim": 32, "hidden": 48, "max_positions": 64, "dropout": 0.1}
-    return config.from_dict(raw)
 
 
 def logged(run: Path, key: str) -> dict[int, float]:
@@ -41,7 +33,7 @@ def test_update_k_uses_its_own_rate_and_the_log_says_so(tmp_path: Path, corpus: 
     factor = inverse_sqrt(warmup)
     assert [factor(k - 1) for k in range(1, 7)] == pytest.approx(
         [0.25, 0.5, 0.75, 1.0, math.sqrt(4 / 5), math.sqrt(4 / 6)])  # the peak at update `warmup`
-    cfg = recipe(corpus, trained_run / "spm.model", lr=lr, warmup_steps=warmup)
+    cfg = small_recipe(corpus, trained_run / "spm.model", lr=lr, warmup_steps=warmup)
     train(cfg, tmp_path / "run", progress_bar=False)
     rates = logged(tmp_path / "run", "lr")
     assert [rates[k] for k in range(1, 7)] == pytest.approx([lr * factor(k - 1) for k in range(1, 7)])
@@ -54,12 +46,12 @@ def test_a_run_started_under_the_old_schedule_resumes_under_it(tmp_path: Path, c
     lr, run = 1e-3, tmp_path / "run"
     with monkeypatch.context() as old_nmt:  # a run started by an nmt from before the schedule had versions
         old_nmt.setattr(training, "SCHEDULE_VERSION", 1)
-        train(recipe(corpus, trained_run / "spm.model", lr=lr, warmup_steps=4, max_steps=3), run,
+        train(small_recipe(corpus, trained_run / "spm.model", lr=lr, warmup_steps=4, max_steps=3), run,
               progress_bar=False)
     state = checkpoint.load(run / "last.pt")
     del state["schedule"]  # which that nmt did not record
     checkpoint.save(state, run / "last.pt")
-    train(recipe(corpus, trained_run / "spm.model", lr=lr, warmup_steps=4, max_steps=6), run, progress_bar=False)
+    train(small_recipe(corpus, trained_run / "spm.model", lr=lr, warmup_steps=4, max_steps=6), run, progress_bar=False)
     old = inverse_sqrt(4, version=1)  # update k used the factor of k - 1: 1/4, 1/4, 2/4, 3/4, 1, ...
     assert [logged(run, "lr")[k] for k in range(1, 7)] == pytest.approx([lr * old(k - 1) for k in range(1, 7)])
     assert checkpoint.load(run / "last.pt")["schedule"] == 1
@@ -90,7 +82,7 @@ def test_fp16_loss_scale_accounts_for_the_loss_divided_by_the_tokens(tmp_path: P
     made = {}
     scaler = torch.amp.GradScaler
     monkeypatch.setattr(torch.amp, "GradScaler", lambda device, **kw: made.update(kw) or scaler(device, **kw))
-    Trainer(recipe(corpus, trained_run / "spm.model", update_freq=2), tmp_path / "run", progress_bar=False)
+    Trainer(small_recipe(corpus, trained_run / "spm.model", update_freq=2), tmp_path / "run", progress_bar=False)
     assert made["init_scale"] == 2.0 ** (16 + 10) and not made["enabled"]  # 2 x 600 tokens: 2^10 of them
 
 
@@ -145,7 +137,7 @@ def count_reads(monkeypatch):
 @pytest.mark.parametrize("kind", ["transformer", "gnmt"])
 def test_updates_between_log_records_never_wait_for_the_device(tmp_path: Path, corpus: Path, trained_run: Path,
                                                                kind: str, count_reads) -> None:
-    trainer = Trainer(recipe(corpus, trained_run / "spm.model", kind, update_freq=2, log_every=100),
+    trainer = Trainer(small_recipe(corpus, trained_run / "spm.model", kind, update_freq=2, log_every=100),
                       tmp_path / "run", progress_bar=False)
     trainer.update(next(trainer.updates))  # Adam's state exists from here on
     steps = {s["step"].data_ptr() for s in trainer.optimizer.state.values()}
@@ -162,16 +154,16 @@ def test_updates_between_log_records_never_wait_for_the_device(tmp_path: Path, c
 def test_prefetch_changes_no_update_and_resumes_mid_epoch_to_the_same_parameters(tmp_path: Path, corpus: Path,
                                                                                  trained_run: Path) -> None:
     spm = trained_run / "spm.model"
-    per_epoch = len(Trainer(recipe(corpus, spm), tmp_path / "count", progress_bar=False).batches.epoch(1))
+    per_epoch = len(Trainer(small_recipe(corpus, spm), tmp_path / "count", progress_bar=False).batches.epoch(1))
     middle = per_epoch + per_epoch // 2  # a stop half way through the second epoch
     runs = {}
     for prefetch in (False, True):
         run = tmp_path / f"prefetch-{prefetch}"
-        train(recipe(corpus, spm, max_steps=middle, prefetch=prefetch, log_every=50), run, progress_bar=False)
-        train(recipe(corpus, spm, max_steps=middle + 5, prefetch=prefetch, log_every=50), run, progress_bar=False)
+        train(small_recipe(corpus, spm, max_steps=middle, prefetch=prefetch, log_every=50), run, progress_bar=False)
+        train(small_recipe(corpus, spm, max_steps=middle + 5, prefetch=prefetch, log_every=50), run, progress_bar=False)
         runs[prefetch] = checkpoint.load(run / "last.pt")
     straight = tmp_path / "straight"
-    train(recipe(corpus, spm, max_steps=middle + 5, log_every=50), straight, progress_bar=False)
+    train(small_recipe(corpus, spm, max_steps=middle + 5, log_every=50), straight, progress_bar=False)
     expected = checkpoint.load(straight / "last.pt")
     for state in runs.values():
         position = ("step", "epoch", "batch_in_epoch")
@@ -280,7 +272,7 @@ def test_more_processes_than_visible_gpus_is_one_line_naming_both(monkeypatch) -
 
 
 def test_tf32_on_the_cpu_is_ignored_with_one_line(tmp_path: Path, corpus: Path, trained_run: Path, nmt_log) -> None:
-    trainer = Trainer(recipe(corpus, trained_run / "spm.model", tf32=True), tmp_path / "run", progress_bar=False)
+    trainer = Trainer(small_recipe(corpus, trained_run / "spm.model", tf32=True), tmp_path / "run", progress_bar=False)
     assert not trainer.tf32
     assert [r.getMessage() for r in nmt_log.records if "tf32" in r.getMessage()] == [
         "train.tf32 applies to CUDA GPUs; ignored on the CPU"]
