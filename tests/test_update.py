@@ -276,3 +276,29 @@ def test_tf32_on_the_cpu_is_ignored_with_one_line(tmp_path: Path, corpus: Path, 
     assert not trainer.tf32
     assert [r.getMessage() for r in nmt_log.records if "tf32" in r.getMessage()] == [
         "train.tf32 applies to CUDA GPUs; ignored on the CPU"]
+
+
+@pytest.mark.parametrize("compression", ["none", "bf16"])
+def test_ddp_gradients_are_the_plain_ones_and_bf16_compression_rounds_them(tmp_path: Path, compression: str) -> None:
+    from nmt.train import BatchLoss
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        cfg = config.TransformerConfig(d_model=32, heads=4, ffn=64, encoder_layers=1, decoder_layers=1,
+                                       max_positions=16, dropout=0.0)  # the same forward pass both times
+        plain = build_model(cfg, 30)
+        wrapped = build_model(cfg, 30)
+        wrapped.load_state_dict(plain.state_dict())
+        src, tgt_in = torch.tensor([[5, 6, 7, 3], [8, 9, 3, 0]]), torch.tensor([[2, 5, 6], [2, 7, 0]])
+        targets = torch.tensor([[5, 6, 3], [7, 3, 0]]).reshape(-1)
+        rows = (targets != 0).nonzero().squeeze(1)
+        args = (src, torch.tensor([4, 3]), tgt_in, rows, targets[rows])
+        off = torch.autocast("cpu", enabled=False)
+        BatchLoss(plain, 0.1, off, 8)(*args)[0].backward()
+        ddp = distributed.wrap(distributed.Context(), BatchLoss(wrapped, 0.1, off, 8), compression=compression)
+        ddp(*args)[0].backward()
+        for (name, a), b in zip(plain.named_parameters(), wrapped.parameters()):
+            expected = a.grad.bfloat16().float() if compression == "bf16" else a.grad  # one rank: the sum is itself
+            assert torch.equal(b.grad, expected), name
+    finally:
+        dist.destroy_process_group()
