@@ -433,6 +433,7 @@ class Prefetch:
             for upd in updates:
                 if not self._put(replace(upd, collated=[collate(idx) for idx in upd.batches])):
                     return
+            self._put(StopIteration())  # a finite iterator's end, as a plain one would give it
         except BaseException as e:  # handed to the trainer, raised where it asks for the next update
             self._put(e)
 

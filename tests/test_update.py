@@ -183,6 +183,7 @@ def test_prefetch_hands_on_an_error_of_the_data_side_and_stops_its_thread() -> N
         next(ahead)
     ahead.close()
     assert not ahead._thread.is_alive()
+    assert list(Prefetch(iter([]), collate=lambda idx: idx)) == []  # a finite iterator ends as it would
 
 
 # --- GNMT's LSTMs under mixed precision
