@@ -15,8 +15,9 @@ it measured. The default budget leaves room to run it twice in a 15-minute devic
          synchronized inside the timer) and peak allocated memory of the WMT14 Transformer-base
          and GNMT shapes (recipes/wmt14-en-de/*.yaml) on synthetic batches of 4,096 padded tokens
          (random ids, V 32,000, no data files), through the trainer's own path (BatchLoss, fused
-         Adam, the schedule, optimizer_step): bf16, fp32 with TF32 on and off, and GNMT under bf16
-         with train.lstm_dtype fp32 and bf16 (it says which is faster, and which kernels ran)
+         Adam, the schedule, optimizer_step): bf16, fp32 with TF32 matmuls on and off (cuDNN's
+         TF32, on by default, stays on), and GNMT under bf16 with train.lstm_dtype fp32 and bf16
+         (it says which is faster, and which kernels ran)
   sync   a few updates of small models of both kinds, after warm-up, under
          torch.cuda.set_sync_debug_mode("error"): pass, or the op and the line that made the
          host wait for the GPU
@@ -62,13 +63,15 @@ from common import describe_machine  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from nmt import config, distributed  # noqa: E402
-from nmt.batching import Batch, collate  # noqa: E402
+from nmt import train as training  # noqa: E402
+from nmt.batching import Batch, collate, pad_batch  # noqa: E402
 from nmt.data import Parallel  # noqa: E402
 from nmt.loss import chunk_rows  # noqa: E402
 from nmt.models import build_model, count_parameters  # noqa: E402
+from nmt.models.gnmt import LSTM_DTYPES  # noqa: E402
 from nmt.search import search  # noqa: E402
-from nmt.tokenizer import EOS, PAD  # noqa: E402
-from nmt.train import BatchLoss, Trainer, inverse_sqrt, optimizer_step  # noqa: E402
+from nmt.tokenizer import EOS  # noqa: E402
+from nmt.train import BatchLoss, adam, optimizer_step, schedule  # noqa: E402
 from nmt.translate import length_batches  # noqa: E402
 
 RECORDS = "gpu_check.jsonl"
@@ -88,7 +91,6 @@ WMT_RECIPES = {"transformer-base": "recipes/wmt14-en-de/transformer-base.yaml",
 VOCAB = 32000
 BATCH_TOKENS = 4096  # padded tokens per batch, train.max_tokens of both WMT14 recipes
 SENTENCE_WIDTH = 32  # padded length of a synthetic batch's rows (with EOS or BOS): 128 sentences
-LSTM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # (model, precision, train.tf32, train.lstm_dtype), most wanted first: the recipes' bf16, GNMT's two
 # LSTM dtypes side by side, then fp32 with and without TF32.
 TRAIN_RUNS = [
@@ -100,7 +102,8 @@ TRAIN_RUNS = [
     ("transformer-base", "fp32", False, "fp32"),
     ("gnmt", "fp32", False, "fp32"),
 ]
-RNN_OPS = {"aten::_cudnn_rnn", "aten::lstm", "aten::_thnn_fused_lstm_cell", "aten::mkldnn_rnn_layer"}
+# The LSTM kernels a dispatch mode sees on CUDA: cuDNN's, or the fused cell of the non-cuDNN path.
+RNN_OPS = {"aten::_cudnn_rnn", "aten::_thnn_fused_lstm_cell"}
 
 
 # --- records -----------------------------------------------------------------------------------
@@ -122,6 +125,12 @@ class Recorder:
 
 def _round(x: float, digits: int = 4) -> float:
     return float(f"{x:.{digits}g}")
+
+
+def _error(e: BaseException) -> str:
+    """An exception in one line: its type and the first line of its message."""
+    text = str(e).splitlines()
+    return f"{type(e).__name__}: {text[0][:300] if text else ''}"
 
 
 def _where(error: BaseException, frames: int = 3) -> list[str]:
@@ -161,9 +170,8 @@ class TrainSetup:
 
     def __init__(self, cfg: config.Config, vocab: int, device: torch.device, seed: int = 1):
         tc = cfg.train
-        precision = SimpleNamespace(cfg=cfg, device=device, world_size=1)
-        Trainer._setup_precision(precision)  # autocast, loss scaler and the TF32 flag, as the trainer sets them
-        self.autocast, self.scaler, self.device = precision.autocast, precision.scaler, device
+        found = training.precision(tc, device)  # autocast, loss scaler and the TF32 switch, as the trainer sets them
+        self.autocast, self.scaler, self.device = found.autocast, found.scaler, device
         torch.manual_seed(seed)
         self.model = build_model(cfg.model, vocab).to(device)
         if cfg.model.kind == "gnmt":
@@ -171,9 +179,8 @@ class TrainSetup:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.loss = BatchLoss(self.model, tc.label_smoothing, self.autocast, chunk_rows(vocab, device))
         self.module: torch.nn.Module = self.loss  # or the loss under DistributedDataParallel
-        self.optimizer = torch.optim.Adam(self.params, lr=tc.lr, betas=tuple(tc.adam_betas), eps=tc.adam_eps,
-                                          weight_decay=tc.weight_decay, fused=device.type == "cuda")
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, inverse_sqrt(tc.warmup_steps))
+        self.optimizer = adam(self.params, tc, device)
+        self.scheduler = schedule(self.optimizer, tc)
         self.clip_norm = tc.clip_norm
 
     def step(self, host: Batch, keep_grads: bool = False) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
@@ -233,12 +240,8 @@ class RnnCalls(TorchDispatchMode):
 
 def weight_dtypes(op: str, args: tuple) -> set[torch.dtype]:
     """The dtypes an LSTM kernel's weights come in: _cudnn_rnn's list of weights, the fused cell's
-    hidden gates (h @ W_hh), oneDNN's first weight, aten::lstm's lists (weights and states)."""
-    if op == "aten::_cudnn_rnn":
-        return {w.dtype for w in args[1]}
-    if op in ("aten::_thnn_fused_lstm_cell", "aten::mkldnn_rnn_layer"):
-        return {args[1].dtype}
-    return {t.dtype for a in args if isinstance(a, list | tuple) for t in a if isinstance(t, torch.Tensor)}
+    hidden gates (h @ W_hh)."""
+    return {w.dtype for w in args[1]} if op == "aten::_cudnn_rnn" else {args[1].dtype}
 
 
 class LastOps(TorchDispatchMode):
@@ -346,7 +349,7 @@ def section_train(rec: Recorder, until: float) -> None:
                 cudnn_tf32=torch.backends.cudnn.allow_tf32,
                 **({"lstm_kernels": sorted(" ".join(c) for c in watch.seen)} if model == "gnmt" else {}))
         except Exception as e:  # noqa: BLE001 - one configuration failing (say out of memory) is a finding
-            rec(**what, status="error", error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}", where=_where(e))
+            rec(**what, status="error", error=_error(e), where=_where(e))
         finally:
             del setup
         if (model, precision, lstm_dtype) == ("gnmt", "bf16", "bf16"):
@@ -384,8 +387,9 @@ def sync_check(setup: TrainSetup, batches: list[Batch], first: int, count: int, 
             for i in range(first, first + count):
                 setup.step(batches[i % len(batches)])
         result = {"status": "pass", "updates": count}
-    except RuntimeError as e:
-        result = {"status": "synced", "error": str(e).splitlines()[0][:300], "where": _where(e),
+    except RuntimeError as e:  # a synchronizing operation is reported as such; anything else is an error
+        synced = "synchroniz" in str(e).lower()
+        result = {"status": "synced" if synced else "error", "error": _error(e), "where": _where(e),
                   **({"op": list(ops.ops)[-1:]} if ops else {})}
     finally:
         torch.cuda.set_sync_debug_mode("default")
@@ -407,15 +411,14 @@ def section_sync(rec: Recorder, until: float) -> None:
             rec(**what, status="skipped: the section's time is spent")
             continue
         cfg = config.Config(model=SMALL_MODELS[kind],
-                            train=replace(config.TrainConfig(), precision=precision, lstm_dtype=lstm_dtype))
+                            train=config.TrainConfig(precision=precision, lstm_dtype=lstm_dtype))
         try:
             setup = TrainSetup(cfg, vocab, device)
             for i in range(2):
                 setup.step(batches[i])
             torch.cuda.synchronize()
         except Exception as e:  # noqa: BLE001
-            rec(**what, status="error in warm-up", error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}",
-                where=_where(e))
+            rec(**what, status="error in warm-up", error=_error(e), where=_where(e))
             continue
         rec(**what, **sync_check(setup, batches, 2, 4))
         del setup
@@ -433,7 +436,8 @@ def section_ddp1(rec: Recorder, until: float) -> None:
     cfg.train = replace(cfg.train, warmup_steps=1)  # full-size steps from the first: differences would show
     batches = synthetic_batches(4, VOCAB, BATCH_TOKENS, SENTENCE_WIDTH, seed=3)
     backend = "nccl" if dist.is_nccl_available() else "gloo"
-    store = Path(tempfile.mkdtemp(prefix="gpu-check-")) / "store"
+    scratch = tempfile.TemporaryDirectory(prefix="gpu-check-")
+    store = Path(scratch.name) / "store"
     dist.init_process_group(backend, store=dist.FileStore(str(store), 1), rank=0, world_size=1)
     buckets = []
     hook = distributed.HOOKS[cfg.train.grad_compression]
@@ -486,6 +490,7 @@ def section_ddp1(rec: Recorder, until: float) -> None:
     finally:
         distributed.HOOKS[cfg.train.grad_compression] = hook
         dist.destroy_process_group()
+        scratch.cleanup()
 
 
 def beam_decode(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
@@ -496,7 +501,6 @@ def beam_decode(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.
 
 def section_beam(rec: Recorder, until: float) -> None:
     device = DEVICE
-    torch.backends.cuda.matmul.allow_tf32 = False  # fp32, as translating on a GPU runs by default
     cfg = config.SearchConfig(beam=5)
     vocab, n = 8000, 256
     rng = np.random.default_rng(4)
@@ -505,9 +509,7 @@ def section_beam(rec: Recorder, until: float) -> None:
     order = sorted(range(n), key=lambda i: (lengths[i], i))  # as translate sorts them
     batches = []
     for batch in length_batches(lengths, order, cfg.max_tokens, cfg.max_sentences):
-        src = torch.full((len(batch), max(lengths[i] for i in batch)), PAD, dtype=torch.long)  # (b, S)
-        for row, i in enumerate(batch):
-            src[row, : lengths[i]] = torch.tensor(ids[i])
+        src = pad_batch([ids[i] for i in batch])  # (b, S), each row ending in EOS
         batches.append((src.to(device), torch.tensor([lengths[i] for i in batch]).to(device)))
     for j, (kind, model_cfg) in enumerate([("transformer", config.TransformerConfig()), ("gnmt", config.GNMTConfig())]):
         torch.manual_seed(1)
@@ -560,8 +562,7 @@ def run_child(args: argparse.Namespace) -> int:
     try:
         SECTIONS[args.section](rec, args.until)
     except Exception as e:  # noqa: BLE001 - recorded, and the parent goes on with the next section
-        rec(status="error", error=f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}",
-            where=_where(e, 5))
+        rec(status="error", error=_error(e), where=_where(e, 5))
         return 1
     return 0
 

@@ -53,29 +53,25 @@ class Batch:
     src: torch.Tensor  # (B, S) source ids + EOS, padded
     src_lens: torch.Tensor  # (B,) on the host always: packing LSTM sequences reads them there
     tgt_in: torch.Tensor  # (B, T) BOS + target ids, padded
-    tgt_out: torch.Tensor  # (B, T) target ids + EOS, padded
+    tgt_out: torch.Tensor  # (B, T) target ids + EOS, padded; on the host (the loss reads rows and targets)
     ntokens: int  # target tokens that are not padding
     # The real target tokens, known when the batch is made, so that the loss picks them without
     # a boolean mask (whose size the host would have to wait for on a GPU):
-    rows: torch.Tensor | None = None  # (K,) their positions in the flattened (B*T,) target, ascending
-    targets: torch.Tensor | None = None  # (K,) their ids: tgt_out.reshape(-1)[rows]
+    rows: torch.Tensor  # (K,) their positions in the flattened (B*T,) target, ascending
+    targets: torch.Tensor  # (K,) their ids: tgt_out.reshape(-1)[rows]
 
     def to(self, device: torch.device, non_blocking: bool = False) -> Batch:
-        """The batch on ``device`` (``src_lens`` stays on the host); ``non_blocking`` copies from pinned memory
-        without waiting for the copy."""
-        def move(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.to(device, non_blocking=non_blocking)
-
-        return Batch(move(self.src), self.src_lens, move(self.tgt_in), move(self.tgt_out), self.ntokens,
-                     move(self.rows), move(self.targets))
+        """What the device computes with (``src``, ``tgt_in``, ``rows``, ``targets``) on ``device``;
+        ``non_blocking`` copies from pinned memory without waiting for the copy."""
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> Batch:
-        """The batch in page-locked host memory, from which a copy to a GPU need not block the host."""
-        def pin(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.pin_memory()
+        """What ``to`` copies, in page-locked host memory, from which a copy to a GPU need not block the host."""
+        return self._map(torch.Tensor.pin_memory)
 
-        return Batch(pin(self.src), self.src_lens, pin(self.tgt_in), pin(self.tgt_out), self.ntokens,
-                     pin(self.rows), pin(self.targets))
+    def _map(self, fn) -> Batch:
+        return Batch(fn(self.src), self.src_lens, fn(self.tgt_in), self.tgt_out, self.ntokens, fn(self.rows),
+                     fn(self.targets))
 
 
 # --- lengths and padding, for either kind of corpus -----------------------------------------

@@ -125,8 +125,8 @@ def broadcast_object(ctx: Context, obj, group=None):
 def all_sum(ctx: Context, values: list[float], group=None) -> list[float]:
     """Element-wise sum over ranks of host numbers (one collective for several).
 
-    ``group``: a gloo group (``patient_group``), where the numbers stay on the host: on CUDA
-    the default NCCL group would copy them to the GPU and wait for the device to read them back.
+    ``group``: a gloo group (``host_group``, ``patient_group``), where the numbers stay on the host:
+    on CUDA the default NCCL group would copy them to the GPU and wait for the device to read them back.
     """
     if not ctx.distributed:
         return values

@@ -1,4 +1,6 @@
-"""Label-smoothed cross entropy, summed over the target tokens that are not padding.
+"""Label-smoothed cross entropy, summed over the target tokens that are not padding, as
+``F.cross_entropy(..., label_smoothing=s, ignore_index=PAD)`` defines it (Szegedy et al. 2016:
+``(1 - s) * -log p(y) + s * mean_v -log p(v)``); the NLL without smoothing gives the perplexity.
 
 ``sequence_loss`` is what training and validation call: the model's ``features`` once, the
 rows of the real (non-padding) target tokens picked by their positions, then the output layer,
@@ -22,10 +24,8 @@ from __future__ import annotations
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
-import torch.nn.functional as F
 
 from nmt.models.base import Seq2Seq
-from nmt.tokenizer import PAD
 
 # The (rows x V) fp32 log-probabilities of one chunk take at most this share of a GPU's memory
 # (a chunk's logits and their gradient in bf16/fp16 add half as much again) ...
@@ -34,32 +34,6 @@ CUDA_MEMORY_SHARE = 1 / 64
 CUDA_MAX_ROWS = 16384
 # On the CPU: most elements of a chunk's (rows x V) logits, 16 MB in fp32.
 CPU_CHUNK_ELEMENTS = 1 << 22
-
-
-def label_smoothed_nll(logits: torch.Tensor, target: torch.Tensor,
-                       smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(smoothed loss, plain NLL), both fp32 sums over non-pad tokens; the NLL is detached.
-
-    logits: (B, T, V); target: (B, T). The smoothing mass is spread over the vocabulary
-    (Szegedy et al. 2016), as ``F.cross_entropy(..., label_smoothing=smoothing)`` defines it:
-    ``(1 - smoothing) * -log p(y) + smoothing * mean_v -log p(v)``. The NLL is what
-    perplexity is computed from.
-
-    One log-softmax serves both, in the logits' own dtype: with bf16/fp16 logits of a
-    25k-token batch and a 32k vocabulary, an fp32 copy alone would be 3.2 GB, and the
-    log-probabilities kept for backward another 3.2 GB. The kernel accumulates its row sums
-    in fp32; the sums over the vocabulary and over tokens below are taken in fp32 too.
-    """
-    lprobs = F.log_softmax(logits.reshape(-1, logits.size(-1)), dim=-1)  # (B*T, V), logits' dtype
-    flat_target = target.reshape(-1)  # (B*T,)
-    keep = flat_target != PAD  # (B*T,) padding positions add nothing, whatever their logits
-    nll = -lprobs.gather(1, flat_target.unsqueeze(1)).squeeze(1).float()  # (B*T,); PAD=0 is a valid index
-    nll = torch.where(keep, nll, 0.0).sum()
-    if smoothing == 0.0:
-        return nll, nll.detach()
-    uniform = -lprobs.sum(dim=-1, dtype=torch.float32) / lprobs.size(-1)  # (B*T,) mean over the vocabulary
-    uniform = torch.where(keep, uniform, 0.0).sum()
-    return (1.0 - smoothing) * nll + smoothing * uniform, nll.detach()
 
 
 def chunk_rows(vocab_size: int, device: torch.device | str) -> int:
@@ -192,7 +166,9 @@ def sequence_loss(model: Seq2Seq, src: torch.Tensor, src_lens: torch.Tensor, tgt
                   rows: torch.Tensor, targets: torch.Tensor, smoothing: float,
                   autocast: AbstractContextManager | None = None,
                   chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(smoothed loss, NLL) of a batch, as ``label_smoothed_nll(model(...), tgt_out)`` gives them.
+    """(smoothed loss, NLL) of a batch: ``F.cross_entropy(model(...), tgt_out, label_smoothing=smoothing,
+    ignore_index=PAD, reduction="sum")`` and the same without smoothing, computed without the (tokens x
+    vocabulary) logits of the whole batch.
 
     rows (K,): the positions ``b * T + t`` of the real target tokens in the flattened (B, T)
     target, ascending; targets (K,): their ids (``Batch.rows``, ``Batch.targets``). Both results

@@ -50,8 +50,6 @@ BOARD_DIR = "tb"
 NAMED_CHECKPOINTS = ("best", "last", "averaged")  # RUN/<name>.pt
 BEST_FILE, LAST_FILE, AVERAGED_FILE = (f"{name}.pt" for name in NAMED_CHECKPOINTS)
 
-__all__ = ["MODEL_FILE", "CONFIG_FILE", "LOG_FILE", "EVAL_DIR", "STEP_DIR", "SEARCH_FILE", "BOARD_DIR"]
-
 
 # --- the layout ---------------------------------------------------------------------------
 

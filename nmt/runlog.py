@@ -75,11 +75,11 @@ def _lines(path: Path) -> list[tuple[str, dict]]:
         except json.JSONDecodeError:
             if n == len(lines):  # a run killed mid-write: the lines before it stand
                 break
-            raise NmtError(f"{path}:{n}: not a JSON record; the log is corrupt (remove the bad line, "
-                           "or keep the run as it is and train into a new --run directory)") from None
+            raise NmtError(f"{path}:{n}: not a JSON record; the log is corrupt: repair or remove that line "
+                           "(nmt never deletes it)") from None
         if not isinstance(record, dict) or "event" not in record:
-            raise NmtError(f"{path}:{n}: not an nmt log record (no 'event'); remove the line, or train "
-                           "into a new --run directory")
+            raise NmtError(f"{path}:{n}: not an nmt log record (no 'event'): repair or remove that line "
+                           "(nmt never deletes it)")
         found.append((line, record))
     return found
 

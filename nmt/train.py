@@ -20,9 +20,9 @@ gradients over ranks bucket by bucket as they become ready. A micro-batch that r
 memory is split in halves; the ranks agree before the last micro-batch whether any did, and
 if so the gradients travel after the backward pass instead (see ``Trainer.update``).
 
-An update never waits for the device: batches arrive collated (on a thread, with
-``train.prefetch``), with the positions of their real target tokens, and are copied without
-blocking; the loss sums stay on the device until a log record reads them.
+An update reads no value from the device, so a GPU's host never waits for it: batches arrive
+collated (on a thread, with ``train.prefetch``), with the positions of their real target tokens,
+and are copied without blocking; the loss sums stay on the device until a log record reads them.
 """
 
 from __future__ import annotations
@@ -31,10 +31,12 @@ import logging
 import math
 import random
 import signal
+import socket
 import threading
 import time
+import uuid
 from collections.abc import Iterable, Iterator
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -51,6 +53,7 @@ from nmt.hardware import describe_hardware, hardware, pick_device, same_machine,
 from nmt.loss import chunk_rows, sequence_loss
 from nmt.metrics import bleu
 from nmt.models import build_model, count_parameters
+from nmt.models.gnmt import LSTM_DTYPES
 from nmt.prepare import prepare_split, prepare_train, run_tokenizer
 from nmt.runlog import RunLog, first
 from nmt.tokenizer import MODEL_FILE, Tokenizer
@@ -109,6 +112,54 @@ def optimizer_step(optimizer: torch.optim.Optimizer, scheduler, scaler: torch.am
     if taken:
         scheduler.step()
     return taken
+
+
+@dataclass
+class Precision:
+    """What ``train.precision`` (and ``train.tf32``) make of a device: autocast, the loss scaler, TF32."""
+
+    autocast: AbstractContextManager
+    scaler: torch.amp.GradScaler
+    tf32: bool
+
+
+def precision(tc: config.TrainConfig, device: torch.device, world_size: int = 1) -> Precision:
+    """Autocast, loss scaling and TF32 for ``tc.precision`` on ``device``; refused before any work where it
+    cannot run. Sets PyTorch's TF32 switch for matmuls on CUDA.
+
+    fp16's loss scale starts at 2^16 times the update's tokens (over all ranks and micro-batches):
+    the loss is divided by them before the backward pass, so that much smaller gradients would
+    otherwise start near fp16's underflow, and the scale grows back only by doubling every 2,000
+    updates.
+    """
+    cuda = device.type == "cuda"
+    if tc.precision == "fp16" and not cuda:
+        raise NmtError("train.precision=fp16 needs a CUDA GPU (the CPU has no fp16 LSTM kernels and "
+                       "gains nothing from fp16); use bf16 or fp32 on the CPU")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tc.precision)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+    tokens = world_size * tc.max_tokens * tc.update_freq
+    scaler = torch.amp.GradScaler(device.type, init_scale=2.0 ** (16 + int(math.log2(tokens))),
+                                  enabled=tc.precision == "fp16")
+    tf32 = bool(cuda and tc.precision == "fp32" and tc.tf32 is not False)
+    if tc.tf32 and not cuda:
+        log.warning("train.tf32 applies to CUDA GPUs; ignored on the %s", device.type.upper())
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    return Precision(autocast, scaler, tf32)
+
+
+def adam(params: list[torch.nn.Parameter], tc: config.TrainConfig, device: torch.device) -> torch.optim.Adam:
+    """The optimizer of ``tc`` (Adam's fused kernel on CUDA)."""
+    return torch.optim.Adam(params, lr=tc.lr, betas=tuple(tc.adam_betas), eps=tc.adam_eps,
+                            weight_decay=tc.weight_decay, fused=device.type == "cuda")
+
+
+def schedule(optimizer: torch.optim.Optimizer, tc: config.TrainConfig,
+             version: int = SCHEDULE_VERSION) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning rate schedule of ``version`` over ``optimizer``; made anew on resuming, it starts
+    from the ``initial_lr`` the first one kept."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, inverse_sqrt(tc.warmup_steps, version))
 
 
 @dataclass
@@ -206,8 +257,7 @@ class Trainer:
         self.clock = TrainClock(self.device)
         # Waits for rank 0's data preparation and for validation shares go through this gloo group,
         # and so do the numbers the ranks agree on each update (they stay on the host).
-        self.patient = patient if patient is not None or not self.ctx.distributed \
-            else distributed.patient_group(self.ctx)
+        self.patient = patient if patient is not None else distributed.patient_group(self.ctx)
         self.host_group = distributed.host_group(self.ctx, cfg.train.dist_timeout_minutes)
 
         self._setup_precision()
@@ -218,27 +268,8 @@ class Trainer:
         self._setup_optimizer()
 
     def _setup_precision(self) -> None:
-        """Autocast, loss scaling and TF32 for ``train.precision``; refused before any work where it cannot run.
-
-        fp16's loss scale starts at 2^16 times the update's tokens (over all ranks and
-        micro-batches): the loss is divided by them before the backward pass, so that much
-        smaller gradients would otherwise start near fp16's underflow, and the scale grows
-        back only by doubling every 2,000 updates.
-        """
-        tc, cuda = self.cfg.train, self.device.type == "cuda"
-        if tc.precision == "fp16" and not cuda:
-            raise NmtError("train.precision=fp16 needs a CUDA GPU (the CPU has no fp16 LSTM kernels and "
-                           "gains nothing from fp16); use bf16 or fp32 on the CPU")
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tc.precision)
-        self.autocast = torch.autocast(self.device.type, dtype=dtype) if dtype else nullcontext()
-        tokens = self.world_size * tc.max_tokens * tc.update_freq
-        self.scaler = torch.amp.GradScaler(self.device.type, init_scale=2.0 ** (16 + int(math.log2(tokens))),
-                                           enabled=tc.precision == "fp16")
-        self.tf32 = bool(cuda and tc.precision == "fp32" and tc.tf32 is not False)
-        if tc.tf32 and not cuda:
-            log.warning("train.tf32 applies to CUDA GPUs; ignored on the %s", self.device.type.upper())
-        if cuda:
-            torch.backends.cuda.matmul.allow_tf32 = self.tf32
+        found = precision(self.cfg.train, self.device, self.world_size)
+        self.autocast, self.scaler, self.tf32 = found.autocast, found.scaler, found.tf32
 
     def _setup_threads(self) -> None:
         """Intra-op threads: ``train.threads``, else this process's cores shared among the node's ranks."""
@@ -323,7 +354,7 @@ class Trainer:
         random.seed(tc.seed)
         self.model = build_model(self.cfg.model, len(self.tokenizer)).to(self.device)
         if self.cfg.model.kind == "gnmt":
-            self.model.lstm_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[tc.lstm_dtype]
+            self.model.lstm_dtype = LSTM_DTYPES[tc.lstm_dtype]
         distributed.broadcast_module(self.ctx, self.model)  # one starting point, whatever the seeds did
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         # Fixed for the run (from the device's size and the vocabulary, never from free memory):
@@ -337,17 +368,13 @@ class Trainer:
     def _setup_optimizer(self) -> None:
         tc = self.cfg.train
         torch.manual_seed(tc.seed + self.rank)  # different dropout masks on every rank
-        self.optimizer = torch.optim.Adam(self.params, lr=tc.lr, betas=tuple(tc.adam_betas), eps=tc.adam_eps,
-                                          weight_decay=tc.weight_decay, fused=self.device.type == "cuda")
+        self.optimizer = adam(self.params, tc, self.device)
         self._schedule(SCHEDULE_VERSION)
         self.last_lr = self.optimizer.param_groups[0]["lr"]  # the rate the last update used
 
     def _schedule(self, version: int) -> None:
-        for group in self.optimizer.param_groups:  # LambdaLR starts from the rate it finds there
-            group["lr"] = group.setdefault("initial_lr", self.cfg.train.lr)
         self.schedule_version = version
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
-                                                           inverse_sqrt(self.cfg.train.warmup_steps, version))
+        self.scheduler = schedule(self.optimizer, self.cfg.train, version)
 
     # --- checkpoints
 
@@ -745,9 +772,6 @@ def check_shared(ctx: distributed.Context, run_dir: Path, patient) -> None:
     """
     if not ctx.distributed:
         return
-    import socket
-    import uuid
-
     token_path = run_dir / ".job-token"
     token = None
     if ctx.main:

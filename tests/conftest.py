@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from nmt import config
 
@@ -69,6 +70,29 @@ def small_recipe(corpus: Path, spm: Path, kind: str = "transformer", **train) ->
     if kind == "gnmt":
         raw["model"] = {"kind": "gnmt", "embed_dim": 32, "hidden": 48, "max_positions": 64, "dropout": 0.1}
     return config.from_dict(raw)
+
+
+class LstmCalls(TorchDispatchMode):
+    """(op, input dtype, weight dtypes) of every LSTM kernel called: oneDNN's layer on the CPU, cuDNN's
+    RNN or the fused cell of PyTorch's own path on CUDA (``aten::lstm`` itself is decomposed before a
+    dispatch mode sees it)."""
+
+    OPS = {"aten::mkldnn_rnn_layer", "aten::_cudnn_rnn", "aten::_thnn_fused_lstm_cell"}
+
+    def __init__(self):
+        super().__init__()
+        self.calls: set[tuple[str, torch.dtype, frozenset[torch.dtype]]] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        if name in self.OPS:
+            weights = args[1] if isinstance(args[1], list | tuple) else [args[1]]  # cuDNN: the list of weights
+            self.calls.add((name, args[0].dtype, frozenset(w.dtype for w in weights)))
+        return func(*args, **(kwargs or {}))
+
+    def dtypes(self) -> set[tuple[torch.dtype, frozenset[torch.dtype]]]:
+        """(input dtype, weight dtypes) of the calls, whatever the kernel."""
+        return {(inputs, weights) for _, inputs, weights in self.calls}
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from test_search import model  # noqa: F401  (fixture: a small model of each kin
 
 from nmt.batching import collate
 from nmt.data import Parallel
-from nmt.loss import label_smoothed_nll
+from nmt.loss import sequence_loss
 from nmt.models.base import Seq2Seq
 from nmt.score import score_batch
 
@@ -30,7 +30,7 @@ def test_scores_sum_to_minus_the_training_nll(model: Seq2Seq) -> None:  # noqa: 
     pairs = random_pairs(9, seed=1)
     batch = collate(pairs, range(len(pairs)))
     with torch.no_grad():
-        _, nll = label_smoothed_nll(model(batch.src, batch.src_lens, batch.tgt_in), batch.tgt_out, 0.0)
+        _, nll = sequence_loss(model, batch.src, batch.src_lens, batch.tgt_in, batch.rows, batch.targets, 0.0)
     scores = score_batch(model, pairs.src, pairs.tgt)
     assert -sum(s.log_prob for s in scores) == pytest.approx(float(nll), abs=1e-4)
     assert sum(s.tokens for s in scores) == batch.ntokens

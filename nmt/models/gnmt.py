@@ -43,6 +43,10 @@ def lstm_input(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+# ``train.lstm_dtype``: the dtype of the LSTMs where they cannot run under autocast (see ``run_lstm``).
+LSTM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
 def outside_autocast(device_type: str) -> bool:
     """Whether LSTMs must run outside autocast: on CUDA under autocast, whose wrapper of cuDNN's RNN
     casts its inputs and weights to fp16 whatever the autocast dtype (``AutocastRNN.cpp`` in

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from nmt.errors import NmtError
 from nmt.metrics import BOOTSTRAP_SAMPLES, paired_bootstrap
-from nmt.report.runs import RunSummary, _sha256_of
+from nmt.report.runs import RunSummary, cached_sha256
 
 NO_HYPOTHESES = "no significance: re-run nmt eval"
 
@@ -31,7 +31,7 @@ def _kept_hypotheses(row: RunSummary) -> list[str] | str:
     path = Path(row.test_hyp)
     if not path.is_file():
         return f"{NO_HYPOTHESES} ({path} is missing)"
-    if _sha256_of(path, path.stat().st_mtime_ns) != row.test_hyp_sha256:
+    if cached_sha256(path, path.stat().st_mtime_ns) != row.test_hyp_sha256:
         return f"{NO_HYPOTHESES} ({path} changed since it was scored)"
     return path.read_text(encoding="utf-8").splitlines()
 
@@ -40,7 +40,7 @@ def _reference(rows: list[RunSummary]) -> list[str] | str:
     """The reference lines the rows were scored against (all share ``test_set``), checked by sha256."""
     for row in rows:
         path = Path(row.test_ref)
-        if path.is_file() and row.test_set in (_sha256_of(path, path.stat().st_mtime_ns), path.name):
+        if path.is_file() and row.test_set in (cached_sha256(path, path.stat().st_mtime_ns), path.name):
             return path.read_text(encoding="utf-8").splitlines()
     return f"no significance: the reference {rows[0].test_ref or '?'} is missing or changed since scoring"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from nmt import rundir, runlog
-from nmt.report.runs import _model_kind
+from nmt.report.runs import model_kind
 from nmt.report.seeds import SeedGroup
 
 
@@ -45,7 +45,7 @@ def plot(runs: list[Path], out: Path, target: float | None = None, speed: bool =
         curves.append(([r["train_seconds"] / 60 for r in valid], [r["valid_bleu"] for r in valid]))
         speeds.append(([r["train_seconds"] / 60 for r in train], [r["tokens_per_s"] for r in train]))
         if not groups:
-            ax.plot(*curves[-1], marker="o", markersize=3, label=f"{Path(run).name} ({_model_kind(Path(run))})")
+            ax.plot(*curves[-1], marker="o", markersize=3, label=f"{Path(run).name} ({model_kind(Path(run))})")
     for g in groups:
         members = [curves[i] for i in g.members if curves[i][0]]
         if len(members) == 1:
@@ -57,7 +57,7 @@ def plot(runs: list[Path], out: Path, target: float | None = None, speed: bool =
         colors.update({i: line.get_color() for i in g.members} if members else {})
     if speed:  # a line per run, in its group's colour
         for i, run in enumerate(runs):
-            axes[1][0].plot(*speeds[i], color=colors.get(i), label=f"{Path(run).name} ({_model_kind(Path(run))})")
+            axes[1][0].plot(*speeds[i], color=colors.get(i), label=f"{Path(run).name} ({model_kind(Path(run))})")
     if target is not None:
         ax.axhline(target, linestyle="--", color="grey", label=f"target {target:g}")
     ax.set_xlabel("training time (minutes, validation excluded)")

@@ -120,14 +120,14 @@ def _evaluations(run: Path) -> list[tuple[float, dict]]:
 
 
 @functools.lru_cache(maxsize=64)
-def _sha256_of(path: Path, mtime_ns: int) -> str:
+def cached_sha256(path: Path, mtime_ns: int) -> str:
     return files.sha256(path)
 
 
 def _is_file(recorded: str | None, recorded_sha256: str | None, expected: Path) -> bool:
     """Whether an evaluation read ``expected``: by content where both hashes are known, else by name."""
     if recorded_sha256 and expected.is_file():
-        return recorded_sha256 == _sha256_of(expected, expected.stat().st_mtime_ns)
+        return recorded_sha256 == cached_sha256(expected, expected.stat().st_mtime_ns)
     return Path(recorded or "").name == expected.name
 
 
@@ -197,12 +197,12 @@ def summarize(run: Path, target: float | None = None, at: list[float] = ()) -> R
     valid = [r for r in records if r["event"] == "valid"]
     end = runlog.last(records, "end")
     last = records[-1]
-    cfg = _read_config(run)
+    cfg = read_config(run)
     test, test_note = _test_result(run, cfg, records)
     spm = run / rundir.MODEL_FILE
     return RunSummary(
         run=run.name,
-        model=_model_kind(run, cfg),
+        model=model_kind(run, cfg),
         params=start.get("params"),
         device=start.get("device", "?"),
         ranks=start.get("world_size", 1),
@@ -259,7 +259,7 @@ def _origin(cfg: dict) -> str:
     return f"{init['run']} {which}{step}"
 
 
-def _read_config(run: Path) -> dict:
+def read_config(run: Path) -> dict:
     """The run's resolved recipe, as written by nmt train."""
     import yaml
 
@@ -272,8 +272,8 @@ def _read_config(run: Path) -> dict:
     return cfg
 
 
-def _model_kind(run: Path, cfg: dict | None = None) -> str:
-    return (cfg or _read_config(run))["model"]["kind"]
+def model_kind(run: Path, cfg: dict | None = None) -> str:
+    return (cfg or read_config(run))["model"]["kind"]
 
 
 def check_comparable(rows: list[RunSummary]) -> None:
@@ -290,7 +290,7 @@ def check_comparable(rows: list[RunSummary]) -> None:
                            "--allow-mixed")
     for row in rows:
         if row.moved_to:
-            raise NmtError(f"{row.run} started on {_machine(row)} and was resumed on {row.moved_to}, so its "
+            raise NmtError(f"{row.run} started on {machine_of(row)} and was resumed on {row.moved_to}, so its "
                            "training time mixes their speeds; report it alone, or pass --allow-mixed")
     machines: dict[str, list[str]] = {}
     for row in rows:
@@ -299,7 +299,7 @@ def check_comparable(rows: list[RunSummary]) -> None:
     kinds: dict[str, list[str]] = {}
     for row in rows:
         if row.cpu_kind:  # one logged before nmt recorded the kind is matched on name and cores, with a note
-            kinds.setdefault(_machine(row), []).append(row.run)
+            kinds.setdefault(machine_of(row), []).append(row.run)
     for found in (machines, kinds):
         if len(found) > 1:
             listing = "; ".join(f"{', '.join(names)} on {cpu}" for cpu, names in found.items())
@@ -307,6 +307,6 @@ def check_comparable(rows: list[RunSummary]) -> None:
                            "do not compare; report them separately, or pass --allow-mixed")
 
 
-def _machine(row: RunSummary) -> str:
+def machine_of(row: RunSummary) -> str:
     """The run's hardware with its CPU kind: "AMD EPYC (2 cores) [family 23 model 1, AVX2]"."""
     return hardware.describe_hardware({"cpu": row.cpu, "cpu_kind": row.cpu_kind})

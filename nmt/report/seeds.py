@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nmt.errors import NmtError
-from nmt.report.runs import RunSummary, _read_config
+from nmt.report.runs import RunSummary, read_config
 
 # What the runs of one recipe may differ in and still count as seeds of it.
 SEED_KEYS = ("name", "train.seed", "tokenizer.reuse")
@@ -62,7 +62,7 @@ def seed_groups(runs: list[Path]) -> list[tuple[str, list[int]]]:
     Refuses runs of one recipe that differ in anything but the seed, the name and
     ``tokenizer.reuse``, naming the key.
     """
-    configs = [_flatten(_read_config(Path(run))) for run in runs]
+    configs = [_flatten(read_config(Path(run))) for run in runs]
     groups: dict[str, list[int]] = {}
     for i, cfg in enumerate(configs):
         groups.setdefault(str(cfg.get("name", Path(runs[i]).name)), []).append(i)

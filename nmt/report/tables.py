@@ -12,7 +12,7 @@ from dataclasses import asdict
 from nmt.errors import NmtError
 from nmt.metrics import BOOTSTRAP_SAMPLES
 from nmt.report.bootstrap import Significance
-from nmt.report.runs import RunSummary, _machine
+from nmt.report.runs import RunSummary, machine_of
 from nmt.report.seeds import SeedGroup, Spread
 
 
@@ -172,7 +172,7 @@ def _group_lines(groups: list[SeedGroup], marks: list[str], to_target: str) -> l
 
 
 def _hardware_lines(rows: list[RunSummary]) -> list[str]:
-    known = sorted({_machine(r) for r in rows if r.cpu})
+    known = sorted({machine_of(r) for r in rows if r.cpu})
     unknown = [r.run for r in rows if not r.cpu]
     lines = ["", "Trained on: " + "; ".join(known)] if known else []
     if unknown and len(rows) > 1:
