@@ -471,6 +471,13 @@ def report(
     group_seeds: Annotated[bool, typer.Option(
         help="Summarize runs of one recipe that differ only in train.seed: mean ± sd; the plot draws the "
              "mean in a min–max band; p-values compare the groups' first seeds.")] = False,
+    breakdown: Annotated[Optional[list[str]], typer.Option(
+        help="length or frequency (repeat for both): test BLEU/chrF per source-length bucket, or target-word "
+             "F per training-frequency bucket, with intervals and Holm-corrected p-values against the "
+             "baseline; printed instead of the cost table.")] = None,
+    plot_breakdown: Annotated[Optional[Path], typer.Option(help="Write the --breakdown buckets to this PNG.")] = None,
+    bucket_min: Annotated[int, typer.Option(help="Fewest test sentences in a source-length bucket.")] = 100,
+    buckets: Annotated[int, typer.Option(help="Source-length buckets before small ones are merged.")] = 5,
 ):
     """One row per run: cost (training time, tokens/s) and quality (valid/test BLEU, chrF).
 
@@ -479,6 +486,21 @@ def report(
     """
     from nmt import report as reports
 
+    if breakdown or plot_breakdown is not None:
+        from nmt.report import breakdown as by_bucket
+
+        cost = [name for name, given in (("--plot", plot is not None), ("--target", target is not None),
+                                         ("--at", at is not None), ("--speed", speed), ("--group-seeds", group_seeds))
+                if given]
+        if cost or not breakdown:
+            raise NmtError(f"{cost[0]} is for the cost table, which --breakdown replaces; run nmt report once for each"
+                           if cost else "--plot-breakdown draws the buckets of --breakdown length|frequency; add it")
+        found = by_bucket.breakdown(runs, breakdown, baseline, bucket_min, buckets)
+        typer.echo(by_bucket.render_breakdown(found, fmt), nl=False)
+        if plot_breakdown is not None:
+            by_bucket.plot_breakdown(found, plot_breakdown)
+            typer.echo(f"plot: {plot_breakdown}", err=True)
+        return
     marks = reports.parse_minutes(at) if at is not None else []
     found = reports.compare(runs, target, marks, baseline, group_seeds, allow_mixed)
     typer.echo(reports.render(found.rows, fmt, found.groups, found.significance), nl=False)
@@ -595,6 +617,63 @@ def export(
         raise NmtError(f"--to {to}: nmt exports to ctranslate2 only")
     settings = export_ctranslate2(run, out, checkpoint, quantization, force)
     typer.echo(f"{out}: CTranslate2 model ({settings['quantization']}) of {settings['checkpoint']}")
+
+
+# --- serve ----------------------------------------------------------------------------------
+
+@app.command()
+@user_errors
+def serve(
+    model: Annotated[list[Path], typer.Option("--model", "-m", help=(
+        "Run directory to serve (its language pair, its search settings); repeat for more pairs. With "
+        "--engine ctranslate2, a directory written by nmt export."))],
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 5000,
+    engine: Annotated[str, typer.Option(help="nmt, or ctranslate2 for directories written by nmt export.")] = "nmt",
+    checkpoint: Annotated[str, typer.Option(help="best, last or averaged (each run's).")] = "best",
+    int8: Annotated[Optional[bool], typer.Option(
+        "--int8/--no-int8", help="Decode with int8 copies of the models, CPU only (default: the recipe's).")] = None,
+    threads: Annotated[Optional[int], typer.Option(
+        help="torch's intra-op threads (default: the usable cores).")] = None,
+    api_keys: Annotated[Optional[Path], typer.Option(
+        help="File of API keys, one a line: requests must then carry one (api_key), else 403.")] = None,
+    char_limit: Annotated[int, typer.Option(help="Most characters in one request's texts (0: no limit).")] = 5000,
+    batch_limit: Annotated[int, typer.Option(help="Most texts in one request's q list (0: no limit).")] = 100,
+    body_limit: Annotated[int, typer.Option(help="Most bytes in a request body (413 past it).")] = 1 << 20,
+    max_alternatives: Annotated[int, typer.Option(
+        help="Most alternatives a request may ask for (also at most the beam size less one).")] = 3,
+    max_batch_tokens: Annotated[Optional[int], typer.Option(
+        help="Source tokens gathered from concurrent requests into one batch (default: the model's "
+             "search.max_tokens).")] = None,
+    max_batch_requests: Annotated[int, typer.Option(
+        help="Requests gathered into one batch (1: each request decoded on its own).")] = 64,
+    max_wait_ms: Annotated[float, typer.Option(
+        help="How long the oldest request waits for others to join its batch.")] = 5.0,
+    max_queue: Annotated[int, typer.Option(help="Requests waiting or decoding; more get 503.")] = 256,
+    timeout: Annotated[float, typer.Option(help="Seconds a request may take in all; 504 after.")] = 30.0,
+    access_log: Annotated[bool, typer.Option(help="Log every request (default: only errors, one line each).")] = False,
+):
+    """Serve models over HTTP: LibreTranslate's API, OpenNMT-py's route, and a page at /.
+
+    Concurrent requests for one model are decoded together in the batches nmt translate makes;
+    SIGTERM or Ctrl-C lets the requests in flight finish, then exits 0.
+    """
+    try:
+        from nmt.serve.app import ServeLimits
+        from nmt.serve.batcher import Limits
+        from nmt.serve.run import serve as run_server
+    except ImportError as e:
+        raise NmtError(f"nmt serve needs the serve extra ({e.name} is missing): "
+                       "python3 -m pip install -e \".[serve]\"") from None
+
+    _check_counts(port=port, max_batch_requests=max_batch_requests, max_queue=max_queue, body_limit=body_limit,
+                  max_batch_tokens=max_batch_tokens, threads=threads)
+    if max_alternatives < 0 or max_wait_ms < 0 or not timeout > 0:
+        raise NmtError("--max-alternatives and --max-wait-ms must be 0 or more, --timeout above 0")
+    run_server(model, host=host, port=port, engine=engine, checkpoint=checkpoint, int8=int8, threads=threads,
+               api_keys=api_keys, access_log=access_log,
+               limits=ServeLimits(char_limit, batch_limit, body_limit, max_alternatives),
+               batching=Limits(max_batch_tokens, max_batch_requests, max_wait_ms / 1000, max_queue, timeout))
 
 
 def main() -> None:

@@ -171,7 +171,8 @@ def export_ctranslate2(run_dir: Path, out_dir: Path, which: str = "best", quanti
     spec = transformer_spec(ctranslate2, cfg.model, params, pieces)
     settings = {"format": FORMAT, "version": 1, "run": str(Path(run_dir).resolve()),
                 "checkpoint": str(checkpoint_path(run_dir, which)), "quantization": quantization or "float32",
-                "max_positions": cfg.model.max_positions, "search": search_settings(cfg.search)}
+                "max_positions": cfg.model.max_positions, "search": search_settings(cfg.search),
+                "src_lang": cfg.data.src_lang, "tgt_lang": cfg.data.tgt_lang}
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
@@ -213,6 +214,9 @@ class ExportedModel:
             settings = json.loads(settings_path.read_text(encoding="utf-8"))
             self.max_positions = int(settings["max_positions"])
             stored = settings["search"]
+            # (source, target) language codes; None for an export made before they were recorded.
+            self.languages = ((str(settings["src_lang"]), str(settings["tgt_lang"]))
+                              if "src_lang" in settings else None)
         except (ValueError, KeyError, TypeError) as e:
             raise NmtError(f"{settings_path}: unreadable ({type(e).__name__}: {e}); export again") from None
         # Defaults for what the export does not store (batching), the export's settings over them.
