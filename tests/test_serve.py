@@ -19,7 +19,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 from conftest import make_pairs  # noqa: E402
-from serving import Served  # noqa: E402
+from serving import InThread, Served  # noqa: E402
 
 from nmt.rundir import load_run  # noqa: E402
 from nmt.serve.text import document  # noqa: E402
@@ -320,3 +320,52 @@ def test_ctranslate2_export_is_served_as_it_translates(trained_run, tmp_path) ->
         assert served.get("/translator/models")[0]["kind"] == "ctranslate2"
     finally:
         assert served.stop() == 0
+
+
+# --- several language pairs, without a trained model: routes over stand-in models
+
+class _Words:
+    def encode(self, lines):
+        return [line.split() for line in lines]
+
+
+def _stand_in(i: int, source: str, target: str):
+    from nmt.config import SearchConfig
+    from nmt.search import Hypothesis
+    from nmt.serve.models import ServedModel
+    from nmt.translate import Translation
+
+    def decode(lines, cfg, source_name="request"):
+        return [Translation(n, [f"{target}:{line}"] * cfg.n_best, [Hypothesis([], -1.0, -1.0)] * cfg.n_best)
+                for n, line in enumerate(lines)]
+
+    return ServedModel(i, Path(f"run-{source}-{target}"), source, target, "transformer", SearchConfig(beam=4),
+                       _Words(), decode)
+
+
+def test_several_pairs_route_by_language_and_refuse_auto() -> None:
+    from nmt.serve.app import ServeLimits, Server, build_app
+    from nmt.serve.batcher import Limits
+
+    server = Server([_stand_in(0, "en", "de"), _stand_in(1, "fr", "de"), _stand_in(2, "en", "fr")], ServeLimits(),
+                    Limits())
+    with InThread(build_app(server)) as client:
+        languages = client.get("/languages")
+        assert {lang["code"]: lang["targets"] for lang in languages} == {"de": [], "en": ["de", "fr"], "fr": ["de"]}
+        answer = client.post_json("/translate", {"q": ["a b", "c"], "source": "fr", "target": "de"})
+        assert answer == (200, {"translatedText": ["de:a b", "de:c"]})
+        answer = client.post_json("/translate", {"q": "a", "source": "en", "target": "fr"})
+        assert answer == (200, {"translatedText": "fr:a"})
+        for path in ("/translate", "/detect"):
+            status, answer = client.post_json(path, {"q": "a", "source": "auto", "target": "de"})
+            assert status == 400 and "detects no language" in answer["error"]
+        status, answer = client.post_json("/translator/translate", [{"src": "x", "id": 1}, {"src": "y", "id": 2}])
+        assert [r["tgt"] for r in answer[0]] == ["de:x", "fr:y"]
+        status, answer = client.post_json("/translator/translate", [{"src": "x"}])
+        assert status == 400 and "no model with id None" in answer["error"]
+        # Preflight and simple requests from a page on another origin, as LibreTranslate answers them.
+        status, headers, _ = client.exchange("OPTIONS", "/translate", headers={
+            "Origin": "https://example.org", "Access-Control-Request-Method": "POST"})
+        assert status == 200 and headers["access-control-allow-origin"] == "*"
+        status, headers, _ = client.exchange("GET", "/languages", headers={"Origin": "https://example.org"})
+        assert headers["access-control-allow-origin"] == "*"
