@@ -50,7 +50,7 @@ def _same_resamples(a, b) -> bool:
     return (a.score, a.mean, a.ci) == (b.score, b.mean, b.ci)
 
 
-def _find_run(rows: list[RunSummary], name: str) -> int:
+def find_run(rows: list[RunSummary], name: str) -> int:
     for i, row in enumerate(rows):
         if row.run in (name, Path(name).name):
             return i
@@ -68,7 +68,7 @@ def significance(rows: list[RunSummary], baseline: str | int | None = None,
     """
     if not rows:
         return rows, Significance("", {}, [])
-    base = baseline if isinstance(baseline, int) else _find_run(rows, baseline) if baseline else 0
+    base = baseline if isinstance(baseline, int) else find_run(rows, baseline) if baseline else 0
     updates: dict[int, dict] = {}
     hyps: dict[int, list[str]] = {}
     for i, row in enumerate(rows):

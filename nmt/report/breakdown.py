@@ -36,7 +36,7 @@ from nmt.data import read_lines
 from nmt.download import data_root
 from nmt.errors import NmtError
 from nmt.metrics import BOOTSTRAP_SAMPLES, paired_bootstrap
-from nmt.report.bootstrap import _find_run
+from nmt.report.bootstrap import find_run
 from nmt.report.runs import RunSummary, cached_sha256, read_config, summarize
 
 KINDS = ("length", "frequency")
@@ -395,7 +395,7 @@ def breakdown(runs: list[Path], kinds: list[str], baseline: str | None = None,
     runs = [Path(run) for run in runs]
     rows = [summarize(run) for run in runs]
     names = [row.run for row in rows]
-    base = _find_run(rows, baseline) if baseline else 0
+    base = find_run(rows, baseline) if baseline else 0
     test = _test_set(runs, rows)
     kinds = [k for k in KINDS if k in kinds]
     found = Breakdown(kinds, names, names[base], [], n_samples, min_sentences, parts, notes=list(test.notes))
