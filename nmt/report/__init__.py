@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from nmt.report.bootstrap import Significance, _find_run, significance
+from nmt.report.bootstrap import Significance, find_run, significance
 from nmt.report.plots import mean_curve, plot
 from nmt.report.runs import RunSummary, check_comparable, parse_minutes, summarize
 from nmt.report.seeds import SeedGroup, Spread, seed_groups, summarize_group
@@ -50,7 +50,7 @@ def compare(runs: list[Path], target: float | None = None, at: list[float] = (),
         check_comparable(rows)
     groups = seed_groups(runs) if group_seeds else []
     if groups:
-        chosen = _find_run(rows, baseline) if baseline else 0
+        chosen = find_run(rows, baseline) if baseline else 0
         baseline = next(members for _, members in groups if chosen in members)[0]
     rows, tested = significance(rows, baseline)
     return Comparison(rows, [summarize_group(rows, members, recipe) for recipe, members in groups], tested)
