@@ -617,6 +617,10 @@ def export(
         raise NmtError(f"--to {to}: nmt exports to ctranslate2 only")
     settings = export_ctranslate2(run, out, checkpoint, quantization, force)
     typer.echo(f"{out}: CTranslate2 model ({settings['quantization']}) of {settings['checkpoint']}")
+    for key, value in settings["left_out"].items():
+        typer.echo(f"{out}: search.{key} {value} left out (CTranslate2 has none; decoding without it); its cost "
+                   f"is not measured here: compare nmt eval --model {run} with --{key.replace('_', '-')} 0 "
+                   "and without", err=True)
 
 
 # --- serve ----------------------------------------------------------------------------------

@@ -147,8 +147,18 @@ def _check_out_dir(out_dir: Path, force: bool) -> None:
                        "--force only replaces an earlier export: give a new directory")
 
 
+# What nmt's search has and CTranslate2's lacks: an export stores the value that turns it off, so
+# that the export decodes with no extra flags, and names what it left out.
+NOT_IN_CTRANSLATE2 = {"coverage_penalty": 0.0}
+
+
 def search_settings(search: SearchConfig) -> dict[str, Any]:
-    return {key: getattr(search, key) for key in SEARCH_KEYS}
+    return {key: NOT_IN_CTRANSLATE2.get(key, getattr(search, key)) for key in SEARCH_KEYS}
+
+
+def left_out(search: SearchConfig) -> dict[str, Any]:
+    """The run's settings an export cannot apply (and so does not store), with their values."""
+    return {key: getattr(search, key) for key, off in NOT_IN_CTRANSLATE2.items() if getattr(search, key) != off}
 
 
 def export_ctranslate2(run_dir: Path, out_dir: Path, which: str = "best", quantization: str | None = None,
@@ -172,6 +182,7 @@ def export_ctranslate2(run_dir: Path, out_dir: Path, which: str = "best", quanti
     settings = {"format": FORMAT, "version": 1, "run": str(Path(run_dir).resolve()),
                 "checkpoint": str(checkpoint_path(run_dir, which)), "quantization": quantization or "float32",
                 "max_positions": cfg.model.max_positions, "search": search_settings(cfg.search),
+                "left_out": left_out(cfg.search),
                 "src_lang": cfg.data.src_lang, "tgt_lang": cfg.data.tgt_lang}
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))

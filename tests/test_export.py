@@ -237,3 +237,26 @@ def test_int8_export_translates(trained_run: Path, exported: Path, tmp_path: Pat
     assert result.exit_code == 0, result.output
     out_lines = result.stdout.split("\n")[:-1]
     assert len(out_lines) == 3 and "Hund" in out_lines[0] and out_lines[1] == ""
+
+
+def test_export_of_a_run_with_a_coverage_penalty_decodes_with_no_flags(trained_run: Path, tmp_path: Path) -> None:
+    """The shipped recipes use a coverage penalty, which CTranslate2 lacks: the export leaves it out,
+    says so in one line, and translates with no extra flags; asking for it is still refused."""
+    from nmt.rundir import SEARCH_FILE
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run, run_dir)
+    (run_dir / SEARCH_FILE).write_text("coverage_penalty: 0.2\n")  # as nmt eval --sweep ... --save writes it
+    out = tmp_path / "ct2"
+    result = run("export", str(run_dir), "--to", "ctranslate2", str(out))
+    assert result.exit_code == 0, result.output
+    assert "search.coverage_penalty 0.2 left out" in result.stderr
+    settings = json.loads((out / "search.json").read_text())
+    assert settings["search"]["coverage_penalty"] == 0.0 and settings["left_out"] == {"coverage_penalty": 0.2}
+    assert settings["src_lang"] == "en" and settings["tgt_lang"] == "de"
+    result = run("translate", "--engine", "ctranslate2", "-m", str(out), input="one red dog\n\nbig house\n")
+    assert result.exit_code == 0, result.output
+    assert len(result.stdout.splitlines()) == 3
+    line = one_error_line(run("translate", "--engine", "ctranslate2", "-m", str(out), "--coverage-penalty", "0.2",
+                              input="dog\n"))
+    assert "coverage penalty" in line
