@@ -86,14 +86,14 @@ def main() -> None:
             out_tokens = sum(len(r.hypotheses[0].tokens) + 1 for r in results if r.hypotheses)
             hyps = [r.texts[0] for r in results]
         t = median(times)
-        quality = f", BLEU {bleu(hyps, refs).score:.2f}" if refs else ""
+        quality = f", BLEU {bleu(hyps, refs, tokenize=cfg.data.bleu_tokenize).score:.2f}" if refs else ""
         steps = f", {calls[0] / args.repeats:,.0f} decoder steps of {calls[1] / max(calls[0], 1):,.1f} rows"
         label = f"beam {beam}" + (f" ({stop} stop)" if beam > 1 else "")
         print(f"{label}: {len(lines) / t:,.1f} sentences/s, {out_tokens / t:,.0f} output tokens/s "
               f"(median of {args.repeats}: {t:.2f} s{quality}{steps})")
         print("  " + matmul_line(model, tokenizer, cfg, search, lines, t, args.int8))
     if args.ctranslate2:
-        ctranslate2_rows(args, cfg.search, lines, refs)
+        ctranslate2_rows(args, cfg.search, lines, refs, cfg.data.bleu_tokenize)
 
 
 def matmul_line(model, tokenizer, cfg: config.Config, search: config.SearchConfig, lines: list[str],
@@ -114,7 +114,7 @@ def matmul_line(model, tokenizer, cfg: config.Config, search: config.SearchConfi
 
 
 def ctranslate2_rows(args: argparse.Namespace, search: config.SearchConfig, lines: list[str],
-                     refs: list[str] | None) -> None:
+                     refs: list[str] | None, tokenize: str) -> None:
     """The same lines decoded by the run exported to CTranslate2, per compute type and beam."""
     from nmt.export import ExportedModel, export_ctranslate2
 
@@ -131,7 +131,8 @@ def ctranslate2_rows(args: argparse.Namespace, search: config.SearchConfig, line
                     times.append(time.perf_counter() - start)
                 t = median(times)
                 out_tokens = sum(len(r.hypotheses[0].tokens) + 1 for r in results if r.hypotheses)
-                quality = f", BLEU {bleu([r.texts[0] for r in results], refs).score:.2f}" if refs else ""
+                texts = [r.texts[0] for r in results]
+                quality = f", BLEU {bleu(texts, refs, tokenize=tokenize).score:.2f}" if refs else ""
                 print(f"ctranslate2 {compute_type} beam {beam}: {len(lines) / t:,.1f} sentences/s, "
                       f"{out_tokens / t:,.0f} output tokens/s (median of {args.repeats}: {t:.2f} s{quality})")
 

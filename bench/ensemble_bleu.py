@@ -59,7 +59,8 @@ def main() -> None:
         kind = " + ".join(getattr(m, "kind", "?") for m in getattr(model, "members", [model]))
         settings = (f"alpha {search.length_penalty}, beta {search.coverage_penalty}, "
                     f"max_len {search.max_len_a}*src+{search.max_len_b}")
-        print(f"| {name} | {kind} | {bleu(hyps, refs).score:.2f} | {chrf(hyps, refs).score:.2f} | "
+        score = bleu(hyps, refs, tokenize=cfg.data.bleu_tokenize).score
+        print(f"| {name} | {kind} | {score:.2f} | {chrf(hyps, refs).score:.2f} | "
               f"{len(lines) / seconds:.1f} | {settings} |", flush=True)
 
 

@@ -1,6 +1,6 @@
 """GPU check: what a few minutes on a CUDA machine answer that the CPU cannot.
 
-    python bench/gpu_check.py --out DIR [--budget-s 240] [--sections tests train sync ddp1 beam]
+    python bench/gpu_check.py --out DIR [--budget-s 240] [--sections tests train sync ddp1 beam probe]
 
 Each section runs in a child process of its own under its own timeout (its share of the budget,
 plus whatever the sections before it left unused), so a hang or a CUDA error in one cannot take
@@ -28,6 +28,11 @@ it measured. The default budget leaves room to run it twice in a 15-minute devic
   beam   beam-5 sentences/s and output tokens/s of random models of both kinds (the Multi30k
          shapes, V 8,000) on 256 synthetic source sentences, fp32; a random model rarely ends
          a sentence, so most hypotheses run to the length limit (1.5 x source + 10)
+  probe  nmt bench's probe (``nmt.probe.run_probe``, synthetic batches) of the Multi30k en-de runs
+         in recipes/multi30k/results (their lengths.json) and the quick recipes, in the recipe's
+         precision (fp32: TF32 matmuls) and in bf16, then of both WMT14 shapes in bf16 (pairs of
+         28-31 ids per side: no WMT14 run's lengths.json exists); the probe files go to
+         DIR/probes/, for nmt report RUN... --time-from DIR/probes/FILE (one column per precision)
 
 One GPU cannot test NCCL across ranks: see NCCL_NOTE. Without CUDA the script says so in one
 line, records that in DIR and exits 0.
@@ -81,8 +86,8 @@ NCCL_NOTE = ("one GPU cannot test NCCL across ranks: the all-reduce of 2+ ranks,
              "the wire and the per-update host collectives need a machine with 2+ GPUs; ddp1 checks DDP's "
              "wrapping and hooks on one rank only")
 # Each section's share of the budget; what a section leaves unused goes to the ones after it.
-SHARES = {"env": 0.08, "tests": 0.30, "train": 0.33, "sync": 0.09, "ddp1": 0.12, "beam": 0.08}
-CHECKS = ["tests", "train", "sync", "ddp1", "beam"]
+SHARES = {"env": 0.06, "tests": 0.26, "train": 0.28, "sync": 0.08, "ddp1": 0.10, "beam": 0.07, "probe": 0.15}
+CHECKS = ["tests", "train", "sync", "ddp1", "beam", "probe"]
 GRACE_S = 5.0  # a child is killed this long after its deadline: time to write its last record
 MIN_SECTION_S = 8.0  # below this a section is not started (CUDA alone takes seconds to start)
 
@@ -531,8 +536,58 @@ def section_beam(rec: Recorder, until: float) -> None:
         _free()
 
 
+MULTI30K = ROOT / "recipes/multi30k/results/en-de"
+# (probe file name, recipe or run directory, the run whose lengths.json the batches are drawn from; None:
+# WMT14, uniform lengths), the Multi30k runs first: they are what a projection of the committed runs needs.
+PROBES = [
+    ("multi30k-transformer", MULTI30K / "transformer-seed1", MULTI30K / "transformer-seed1"),
+    ("multi30k-gnmt", MULTI30K / "gnmt-seed1", MULTI30K / "gnmt-seed1"),
+    ("multi30k-quick", ROOT / "recipes/multi30k/quick.yaml", MULTI30K / "transformer-seed1"),
+    ("multi30k-gnmt-quick", ROOT / "recipes/multi30k/gnmt-quick.yaml", MULTI30K / "gnmt-seed1"),
+    ("wmt14-transformer-base", ROOT / WMT_RECIPES["transformer-base"], None),
+    ("wmt14-gnmt", ROOT / WMT_RECIPES["gnmt"], None),
+]
+PROBE_STEPS = 20
+
+
+def uniform_lengths(cfg: config.Config) -> dict:
+    """A length histogram of pairs of 28-31 ids per side (as the train section's batches): for a recipe
+    whose corpus and runs are not at hand."""
+    low, high = SENTENCE_WIDTH - 4, SENTENCE_WIDTH - 1
+    return {"vocab_size": cfg.tokenizer.vocab_size, "max_len": cfg.data.max_len,
+            "counts": [[s, t, 1] for s in range(low, high + 1) for t in range(low, high + 1)],
+            "path": f"uniform {low}-{high} ids per side (no lengths.json of a run of this recipe at hand)"}
+
+
+def section_probe(rec: Recorder, until: float) -> None:
+    """nmt bench's probe of each of PROBES, in the recipe's precision and in bf16 (WMT14: bf16, their own)."""
+    from nmt import probe
+
+    out = rec.path.parent / "probes"
+    jobs = [(name, source, lengths_of, precision) for name, source, lengths_of in PROBES
+            for precision in (["fp32", "bf16"] if lengths_of is not None else ["bf16"])]
+    load = probe.measure_load()  # once, before them all: recorded in each file (the probes are forced)
+    for name, source, lengths_of, precision in jobs:
+        what = {"probe": name, "precision": precision}
+        if until - time.time() < 4:
+            rec(**what, status="skipped: the section's time is spent")
+            continue
+        try:
+            _free()
+            cfg, _ = probe.resolve(source, [f"train.precision={precision}"])
+            lengths = probe.synthetic_lengths(cfg, lengths_of) if lengths_of is not None else uniform_lengths(cfg)
+            path = out / f"{name}-{precision}.json"
+            found = probe.run_probe(cfg, path, PROBE_STEPS, probe.WARMUP, lengths, load, force=True,
+                                    source=str(Path(source).relative_to(ROOT)))
+            rec(**what, file=str(path), seconds_per_update=_round(found["seconds_per_update"]),
+                target_tokens_per_s=round(found["target_tokens_per_s"]), peak_mib=round(found["peak_memory_mib"]),
+                tf32=found["tf32"], load=found["load"])
+        except Exception as e:  # noqa: BLE001 - one probe failing (say out of memory) is a finding
+            rec(**what, status="error", error=_error(e), where=_where(e))
+
+
 SECTIONS = {"env": section_env, "tests": section_tests, "train": section_train, "sync": section_sync,
-            "ddp1": section_ddp1, "beam": section_beam}
+            "ddp1": section_ddp1, "beam": section_beam, "probe": section_probe}
 
 
 # --- the parent: one child per section ---------------------------------------------------------

@@ -94,6 +94,7 @@ def train(
     started (init_from), and `nmt train NEW` resumes it like any run. RUN is only read.
     """
     from nmt import config, distributed
+    from nmt.metrics import bleu_metric
     from nmt.rundir import fine_tune
     from nmt.train import train as run_training
 
@@ -107,6 +108,7 @@ def train(
         return
     recipe, run = _recipe_of(recipe, run)
     cfg = config.load_recipe(recipe, set_ or [])
+    bleu_metric(cfg.data.bleu_tokenize)  # a BLEU tokenization that cannot load here fails now, not at validation
     if init_from is not None:
         cfg = fine_tune(cfg, init_from, checkpoint or "best", keep_optimizer)
     run_dir = run or Path("runs") / cfg.name
@@ -178,6 +180,58 @@ def prepare(
     tokenizer, timings, reports = prepare_recipe(cfg, run or Path("runs") / cfg.name,
                                                  progress=progress and sys.stderr.isatty())
     typer.echo(describe(tokenizer, timings, reports))
+
+
+# --- bench ----------------------------------------------------------------------------------
+
+@app.command()
+@user_errors
+def bench(
+    recipe: Annotated[Path, typer.Argument(help="A recipe YAML file, or a run directory (its recipe, spm.model and "
+                                                "lengths.json).")],
+    steps: Annotated[int, typer.Option(help="Updates timed, after the warm-up.")] = 20,
+    warmup: Annotated[int, typer.Option(help="Updates made before the clock starts.")] = 3,
+    nproc: Annotated[int, typer.Option(
+        help="Processes (one per GPU, or CPU ranks with gloo), as nmt train --nproc.")] = 1,
+    out: Annotated[Optional[Path], typer.Option(help="Probe file to write (default: probe-<name>.json).")] = None,
+    synthetic: Annotated[bool, typer.Option(
+        help="Batches of random ids in pairs whose lengths are drawn from the run's lengths.json, for a "
+             "machine without the corpus.")] = False,
+    run: Annotated[Optional[Path], typer.Option(
+        help="With a recipe file: the run whose spm.model and lengths.json are used (default: runs/<recipe "
+             "name>).")] = None,
+    force: Annotated[bool, typer.Option(
+        help="Probe even while other processes load the machine (the load is recorded in the file).")] = False,
+    set_: Annotated[Optional[list[str]], typer.Option(
+        "--set", help="Override a recipe key: --set train.precision=bf16 (repeatable).")] = None,
+    load_before: Annotated[Optional[float], typer.Option(hidden=True)] = None,  # measured by the launcher of --nproc
+):
+    """Time real training updates of a recipe's model and batches on this hardware (a minute or two).
+
+    Writes seconds per update, target tokens/s, peak memory, the device and CPU kind, precision and
+    ranks to a JSON file, from which `nmt report RUN... --time-from FILE` projects runs' training time
+    onto this hardware. Other processes' load is measured before and during the probe; above 10% of
+    the cores' time the probe is refused unless --force.
+    """
+    from nmt import distributed, probe
+
+    if nproc < 1:
+        raise NmtError(f"--nproc {nproc}: give at least 1 process (one per GPU, or CPU ranks)")
+    distributed.check_gpus(nproc, f"--nproc {nproc}")
+    cfg, run_dir = probe.resolve(recipe, set_ or [], run)
+    lengths = probe.synthetic_lengths(cfg, run_dir) if synthetic else None
+    path = out or probe.default_out(cfg)
+    if not distributed.launched():
+        load_before = probe.check_load(force)
+        if nproc > 1:  # the ranks run this command again, told the load measured here; rank 0 prints
+            argv = [*_argv_without("--nproc"), *(["--out", str(path)] if out is None else []),
+                    *(["--load-before", f"{load_before}"] if load_before is not None else [])]
+            distributed.run_torchrun(nproc, rank_main, [argv], preload=["nmt.probe", "cli.main"],
+                                     after_failure=f"{path} is not written (the failing rank said why above)")
+            return
+    record = probe.run_probe(cfg, path, steps, warmup, lengths, load_before, force, source=str(recipe))
+    if record is not None:
+        typer.echo(probe.describe(record, path))
 
 
 # --- translate ------------------------------------------------------------------------------
@@ -398,7 +452,11 @@ def _sweep(run_dir: Path, items: list[str], src: Optional[Path], ref: Optional[P
 def eval_(
     hyp: Annotated[Optional[Path], typer.Option(help="Translations to score.")] = None,
     ref: Annotated[Optional[Path], typer.Option(help="Reference translations, line-aligned.")] = None,
-    bleu_: Annotated[bool, typer.Option("--bleu", help="Score BLEU (sacreBLEU defaults: 13a, cased).")] = False,
+    bleu_: Annotated[bool, typer.Option("--bleu", help="Score BLEU (sacreBLEU's, cased; see --tokenize).")] = False,
+    tokenize: Annotated[Optional[str], typer.Option(
+        help="BLEU's tokenization, one of sacreBLEU's: 13a (its default, for raw text), none (text already "
+             "tokenized), intl, zh, char, ja-mecab, ... Not with --model: a run scores as its "
+             "data.bleu_tokenize says.")] = None,
     chrf_: Annotated[bool, typer.Option("--chrf", help="Score chrF.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print sacreBLEU's JSON.")] = False,
     width: Annotated[int, typer.Option(help="Decimals, as sacrebleu -w.")] = 1,
@@ -419,9 +477,14 @@ def eval_(
 ):
     """Score translations with sacreBLEU, or translate and score in one go with --model."""
     from nmt.data import read_lines
-    from nmt.metrics import bleu, chrf, format_scores
+    from nmt.metrics import DEFAULT_TOKENIZE, bleu, check_tokenize, chrf, format_scores
     from nmt.rundir import EVAL_DIR
 
+    if tokenize is not None and model is not None:
+        raise NmtError(f"--tokenize {tokenize} scores --hyp against --ref; with --model the run's data.bleu_tokenize "
+                       "applies (score its eval/*.hyp with --hyp, --ref and --tokenize for another)")
+    if tokenize is not None:
+        check_tokenize(tokenize, "--tokenize")
     if sweep or save:
         if model is None or not sweep:
             raise NmtError("--sweep needs --model (the run to tune) and --save needs --sweep")
@@ -445,7 +508,7 @@ def eval_(
     hyps, refs = read_lines(hyp), read_lines(ref)
     metrics = []
     if bleu_ or not chrf_:
-        metrics.append(bleu(hyps, refs, str(hyp), str(ref)))
+        metrics.append(bleu(hyps, refs, str(hyp), str(ref), tokenize or DEFAULT_TOKENIZE))
     if chrf_:
         metrics.append(chrf(hyps, refs, str(hyp), str(ref)))
     typer.echo(format_scores(metrics, as_json, width))
@@ -478,6 +541,10 @@ def report(
     plot_breakdown: Annotated[Optional[Path], typer.Option(help="Write the --breakdown buckets to this PNG.")] = None,
     bucket_min: Annotated[int, typer.Option(help="Fewest test sentences in a source-length bucket.")] = 100,
     buckets: Annotated[int, typer.Option(help="Source-length buckets before small ones are merged.")] = 5,
+    time_from: Annotated[Optional[list[Path]], typer.Option(
+        help="A probe file of nmt bench (repeatable: a column and a curve per probed machine): each run's training "
+             "time projected onto that hardware, its updates × the probe's seconds per update; --plot then draws "
+             "BLEU against projected time.")] = None,
 ):
     """One row per run: cost (training time, tokens/s) and quality (valid/test BLEU, chrF).
 
@@ -502,9 +569,12 @@ def report(
             typer.echo(f"plot: {plot_breakdown}", err=True)
         return
     marks = reports.parse_minutes(at) if at is not None else []
-    found = reports.compare(runs, target, marks, baseline, group_seeds, allow_mixed)
-    typer.echo(reports.render(found.rows, fmt, found.groups, found.significance), nl=False)
-    if plot is not None:
+    found = reports.compare(runs, target, marks, baseline, group_seeds, allow_mixed, time_from or [])
+    typer.echo(reports.render(found.rows, fmt, found.groups, found.significance, found.projections), nl=False)
+    if plot is not None and found.projections:
+        reports.plot_projected(found.projections, plot, target)
+        typer.echo(f"plot: {plot} (projected training time)", err=True)
+    elif plot is not None:
         reports.plot(runs, plot, target, speed, found.groups)
         typer.echo(f"plot: {plot}", err=True)
 

@@ -327,6 +327,19 @@ def make_batches(src_lens: Sequence[int] | np.ndarray, tgt_lens: Sequence[int] |
     return BatchOrder(pairs, starts, np.array(order, dtype=np.int64))
 
 
+def length_histogram(data: Corpus, seed: int = 1) -> list[list[int]]:
+    """[source ids, target ids, pairs] for every pair of lengths (without EOS/BOS) among the pairs an epoch
+    trains on (of weighted corpora, the first epoch's draw), sorted: what batches of the corpus look like,
+    without the corpus (``nmt bench --synthetic``)."""
+    src, tgt = (side.astype(np.int64) for side in lengths(data))
+    if isinstance(data, WeightedCorpora):
+        drawn = data.draw(seed, 1)
+        src, tgt = src[drawn], tgt[drawn]
+    width = int(max(src.max(initial=0), tgt.max(initial=0))) + 1
+    keys, counts = np.unique(src * width + tgt, return_counts=True)  # (bins,) one per pair of lengths
+    return np.stack([keys // width, keys % width, counts], axis=1).tolist()
+
+
 def shard(batches: BatchOrder | list, rank: int, world_size: int, drop_last: bool = True) -> BatchOrder | list:
     """This rank's batches: every rank the same number (the last few dropped), or all with ``drop_last=False``.
 

@@ -40,6 +40,11 @@ class DataConfig:
     test: str = "test2016"
     # Training pairs longer than this (in subword tokens, either side) are dropped and counted.
     max_len: int = 100
+    # How BLEU splits this data's references and the translations into words: one of sacreBLEU's
+    # tokenizations, for every BLEU of the run (validation, nmt eval --model, sweeps, nmt report).
+    # 13a (sacreBLEU's default) for raw text; none for text already tokenized (the spaces given are
+    # the words); zh, ja-mecab, ... for raw text in those languages. Signatures name it (tok:none).
+    bleu_tokenize: str = "13a"
 
     def __post_init__(self) -> None:
         # An entry's weight written out (1.0 when left out): the saved config.yaml says what each
@@ -402,8 +407,17 @@ def _data_checks(cfg: Config) -> list[Check]:
          "must be at least 300 (256 byte pieces and the specials are part of it)"),
         ("tokenizer.model_type", cfg.tokenizer.model_type, cfg.tokenizer.model_type in ("unigram", "bpe"),
          "must be unigram or bpe"),
+        ("data.bleu_tokenize", cfg.data.bleu_tokenize, cfg.data.bleu_tokenize in _bleu_tokenizers(),
+         f"must be one of sacreBLEU's tokenizations: {', '.join(_bleu_tokenizers())} (13a for raw text, "
+         "none for text already tokenized)"),
         *_corpus_checks(cfg.data),
     ]
+
+
+def _bleu_tokenizers() -> tuple[str, ...]:
+    from nmt.metrics import BLEU_TOKENIZERS  # sacreBLEU is imported only when a recipe is checked
+
+    return BLEU_TOKENIZERS
 
 
 CORPUS_KEYS = ("path", "weight")

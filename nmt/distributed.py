@@ -253,8 +253,11 @@ def gather_to_main(ctx: Context, obj, group=None) -> list | None:
     return out
 
 
+RESUME_HINT = "the last checkpoint written is intact: run the same command to resume"
+
+
 def run_torchrun(nproc: int, entrypoint: Callable[..., object], args: Sequence[str],
-                 preload: Sequence[str] = ()) -> None:
+                 preload: Sequence[str] = (), after_failure: str = RESUME_HINT) -> None:
     """Run ``entrypoint(*args)`` on ``nproc`` local processes with torchrun's launcher.
 
     The same elastic agent as ``torchrun --standalone --nproc-per-node N``: a free port on
@@ -263,6 +266,7 @@ def run_torchrun(nproc: int, entrypoint: Callable[..., object], args: Sequence[s
     torch and ``preload`` (modules) once: a rank starts without importing them again and
     shares the memory that import leaves (about 140 MB per process with torch alone) with the
     other ranks for as long as none writes to it. ``entrypoint`` must be importable by name.
+    ``after_failure`` ends the line that says a rank failed: what the user can do next.
     """
     import multiprocessing
     import uuid
@@ -287,5 +291,4 @@ def run_torchrun(nproc: int, entrypoint: Callable[..., object], args: Sequence[s
         raise KeyboardInterrupt from e
     except ChildFailedError as e:  # the failing rank has printed its own reason already
         ranks = ", ".join(str(r) for r in sorted(e.failures)) or "?"
-        raise NmtError(f"rank {ranks} of {nproc} failed and the others were stopped; the last "
-                       "checkpoint written is intact: run the same command to resume") from None
+        raise NmtError(f"rank {ranks} of {nproc} failed and the others were stopped; {after_failure}") from None

@@ -17,17 +17,18 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from sacrebleu.metrics import BLEU
 
 from nmt import files, rundir
 from nmt.errors import NmtError
-from nmt.metrics import bleu, chrf
+from nmt.metrics import bleu, bleu_metric, chrf
 
 
 def evaluate_run(run_dir: Path | list[Path], src: Path, ref: Path, checkpoint: str = "best",
                  beam: int | None = None, device: str = "cpu", int8: bool | None = None,
                  stop: str | None = None) -> dict:
     """Translate ``src`` with a run's model, score against ``ref``, save both in ``run_dir/eval``.
+
+    BLEU is tokenized as the run's ``data.bleu_tokenize`` says (an ensemble: the first run's).
 
     ``int8``: decode with the int8 model (None: the run's ``search.int8``), see ``load_run``.
     A list of runs decodes with their ensemble (``nmt.ensemble``), saved in the first run's
@@ -50,7 +51,8 @@ def evaluate_run(run_dir: Path | list[Path], src: Path, ref: Path, checkpoint: s
     start = time.perf_counter()
     hyps = translate_text(net, tokenizer, lines, search)
     seconds = time.perf_counter() - start
-    scores = [bleu(hyps, refs, "translations", str(ref)), chrf(hyps, refs, "translations", str(ref))]
+    scores = [bleu(hyps, refs, "translations", str(ref), cfg.data.bleu_tokenize),
+              chrf(hyps, refs, "translations", str(ref))]
     result = {s.metric: {"score": s.score, "signature": s.signature, "line": s.line()} for s in scores}
     result.update(src=str(src), src_sha256=files.sha256(src), ref=str(ref), ref_sha256=files.sha256(ref),
                   checkpoint=checkpoint, checkpoint_step=used["step"], checkpoint_sha256=used["sha256"],
@@ -143,9 +145,10 @@ def sweep_run(run_dir: Path, grid: dict[str, list[Any]], src: Path | None = None
             raise NmtError(f"--sweep {_describe(setting)}: {e}") from None
     settings = [{key: getattr(c, key) for key in s} for s, c in zip(settings, cfgs)]  # typed: 0 -> 0.0
     lines, refs = read_parallel(src, ref)
+    metric = bleu_metric(cfg.data.bleu_tokenize)  # as the run's validation scored
     rows = []
     for setting, decoding in zip(settings, translate_each(net, tokenizer, lines, cfgs, source_name=str(src))):
-        result = BLEU().corpus_score([t.texts[0] for t in decoding.translations], [refs])
+        result = metric.corpus_score([t.texts[0] for t in decoding.translations], [refs])
         rows.append(SweepRow(setting, result.score, result.bp, result.sys_len / max(result.ref_len, 1),
                              decoding.seconds))
     if save:

@@ -5,12 +5,18 @@ A run's ``start`` and ``resume`` records carry ``hardware()``: the CPU's model n
 cores (``cpu``), its kind (``cpu_kind``: generation and vector instructions) and the GPU on
 CUDA (``gpu``). ``nmt report`` refuses to compare training times across machines, and
 ``nmt hardware`` checks this machine against runs before one is added to them.
+
+Whether a run had the machine to itself: ``cpu_sample`` reads this process's CPU seconds and the
+busy and total seconds of the cores it may run on (``/proc/stat``), and ``other_load`` turns two
+samples into the share of those cores' time that other processes took in between.
 """
 
 from __future__ import annotations
 
 import os
 import platform
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -69,6 +75,72 @@ def _cpuinfo() -> dict[str, str]:
     except OSError:
         pass
     return fields
+
+
+# --- the machine's load: its cores' busy time against this process's own -------------------
+
+# Above this share of the cores' time taken by other processes, a stretch of time "had other load":
+# a log window is counted as such by ``nmt report``, and ``nmt bench`` refuses to measure.
+OTHER_LOAD_LIMIT = 0.10
+
+
+@dataclass(frozen=True)
+class CpuSample:
+    """CPU clocks at one moment, in seconds since some start: what ``other_load`` compares."""
+
+    process: float  # this process's CPU time, all its threads (``time.process_time``)
+    busy: float | None  # the usable cores' busy time (None: no /proc/stat)
+    total: float | None  # the usable cores' time, busy or idle: wall time x cores
+
+
+# /proc/stat's columns after the cpu name: user nice system idle iowait irq softirq steal (guest and
+# guest_nice are counted in user and nice already). Steal, time the hypervisor gave the core to another
+# machine, counts as busy: it slows a run as another process would.
+_IDLE_COLUMNS = (3, 4)
+_COLUMNS = 8
+PROC_STAT = Path("/proc/stat")
+
+
+def cpu_sample() -> CpuSample:
+    """This process's CPU seconds, and the busy and total seconds of the cores it may run on (its
+    affinity mask) from ``/proc/stat``; busy and total are None where there is no such file."""
+    process = time.process_time()
+    cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    busy = total = 0
+    try:
+        with PROC_STAT.open(encoding="ascii", errors="replace") as f:
+            for line in f:
+                name, *fields = line.split() or [""]
+                if not name.startswith("cpu"):
+                    if total:  # past the cores' lines, which come together at the top
+                        break
+                    continue
+                if name == "cpu" or (cores is not None and int(name[3:]) not in cores):  # "cpu": all cores
+                    continue
+                ticks = [int(x) for x in fields[:_COLUMNS]]
+                total += sum(ticks)
+                busy += sum(ticks) - sum(ticks[i] for i in _IDLE_COLUMNS if i < len(ticks))
+    except (OSError, ValueError):
+        return CpuSample(process, None, None)
+    hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    return CpuSample(process, busy / hz, total / hz) if total else CpuSample(process, None, None)
+
+
+def other_load(before: CpuSample, after: CpuSample, own: float | None = None) -> float | None:
+    """The share of the usable cores' time between two samples that other processes took: (busy - own)
+    / total, where ``own`` is the CPU seconds of this job's processes (default: this process's);
+    None where /proc/stat was not read."""
+    if before.busy is None or after.busy is None or after.total - before.total <= 0:
+        return None
+    own = after.process - before.process if own is None else own
+    return other_share(after.busy - before.busy, own, after.total - before.total)
+
+
+def other_share(busy: float, own: float, total: float) -> float:
+    """Of ``total`` seconds of the cores' time, ``busy`` of them busy, the share others took than the
+    processes whose CPU seconds are ``own``: a log record's ``(machine_busy_seconds - cpu_seconds) /
+    machine_core_seconds``."""
+    return max(busy - own, 0.0) / total if total > 0 else 0.0
 
 
 # --- describing and comparing the machines of log records -----------------------------------

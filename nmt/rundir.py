@@ -5,6 +5,9 @@ to train (new, resumed or fine-tuned) and loading one to translate.
       config.yaml            the resolved recipe (CONFIG_FILE); a resume checks the recipe against it
       spm.model              the SentencePiece model (MODEL_FILE), trained, copied or reused
       log.jsonl              one JSON record per line (LOG_FILE); its records: ``nmt.runlog``
+      lengths.json           how long the training pairs are (LENGTHS_FILE, written by nmt train where
+                             it is missing): ``read_lengths``; what ``nmt bench --synthetic`` draws
+                             batches from where the corpus is not at hand
       last.pt                the full training state, for resuming (model, optimizer, schedule,
                              position in the batch order, every rank's RNG); ``nmt.checkpoint``
       best.pt                the weights with the best valid BLEU so far
@@ -25,7 +28,9 @@ with a fresh step count, schedule and best score; it must keep the parent's mode
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -35,7 +40,7 @@ import torch
 from nmt import checkpoint, config
 from nmt.config import Config
 from nmt.errors import NmtError
-from nmt.files import sha256
+from nmt.files import fsync_dir, sha256
 from nmt.runlog import RunLog
 from nmt.tokenizer import MODEL_FILE, Tokenizer
 
@@ -43,6 +48,8 @@ log = logging.getLogger("nmt")
 
 CONFIG_FILE = "config.yaml"
 LOG_FILE = "log.jsonl"
+LENGTHS_FILE = "lengths.json"
+LENGTHS_FORMAT = 1  # the version of lengths.json's layout
 EVAL_DIR = "eval"
 STEP_DIR = "checkpoints"
 SEARCH_FILE = "search.yaml"
@@ -90,6 +97,38 @@ def require_run(run_dir: Path, where: str | None = None, hint: str = "give the d
         raise NmtError(f"{where}: not a run directory (no {CONFIG_FILE}); {hint}")
     if not (Path(run_dir) / MODEL_FILE).is_file():
         raise NmtError(f"{where}: has no {MODEL_FILE}; the run did not get past tokenizer training")
+
+
+# --- the lengths of the training pairs ------------------------------------------------------
+
+def write_lengths(run_dir: Path, counts: list[list[int]], vocab_size: int, max_len: int) -> None:
+    """Write ``lengths.json``: the joint histogram of the training pairs' lengths (``counts``: [source
+    ids, target ids, pairs], without EOS/BOS, as ``nmt.batching.length_histogram`` gives it), with the
+    vocabulary size and the length filter, atomically (temp file, rename)."""
+    path = Path(run_dir) / LENGTHS_FILE
+    record = {"format": LENGTHS_FORMAT, "vocab_size": vocab_size, "max_len": max_len,
+              "pairs": sum(c[2] for c in counts), "counts": counts}
+    temp = path.with_name(f".{path.name}.tmp")
+    temp.write_text(json.dumps(record, separators=(",", ":")) + "\n", encoding="utf-8")
+    os.replace(temp, path)
+    fsync_dir(path.parent)
+
+
+def read_lengths(run_dir: Path) -> dict:
+    """A run's ``lengths.json`` (``write_lengths``); one line naming what to do where it is missing or unreadable."""
+    path = Path(run_dir) / LENGTHS_FILE
+    if not path.is_file():
+        raise NmtError(f"{path}: missing (the run was trained by an nmt that did not write it, or is not a run); "
+                       "run nmt train RUN once where its corpus is: it writes the file (a finished run then stops)")
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        ok = record.get("format") == LENGTHS_FORMAT and record["counts"] and int(record["vocab_size"]) > 0
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        ok = False
+    if not ok:
+        raise NmtError(f"{path}: not a lengths file of format {LENGTHS_FORMAT}; delete it and run nmt train RUN "
+                       "once where its corpus is, to write it again")
+    return record
 
 
 # --- search settings chosen after training --------------------------------------------------

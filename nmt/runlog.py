@@ -15,7 +15,15 @@ Every record has ``event`` and ``step`` (updates made when it was written). The 
            ``epoch``, ``loss`` and ``nll`` (per target token), ``lr`` (of the last update),
            ``tokens_per_s`` (target tokens over all ranks, per second of training),
            ``train_seconds`` and ``valid_seconds`` (the two clocks so far), ``oom_splits``
-           (micro-batches run in halves after running out of memory). ``nmt.trainlog`` lists them.
+           (micro-batches run in halves after running out of memory), and whether the run had
+           the machine to itself: ``cpu_seconds`` (CPU time of the training processes, every
+           thread, summed over the ranks on rank 0's machine), ``machine_busy_seconds`` and
+           ``machine_core_seconds`` (from ``/proc/stat``, of the cores rank 0 may run on: their
+           busy time, the hypervisor's steal included, and all their time, busy or idle: wall
+           time x cores). These three span the whole time since the last ``train`` record,
+           validation included, so that they compare: other processes took (busy - cpu) / core
+           seconds of the machine (``nmt.hardware.other_load``); the last two are absent where
+           there is no ``/proc/stat``. ``nmt.trainlog`` lists the keys.
 ``valid``  (every ``train.valid_every`` updates and at the end) ``epoch``, ``valid_loss``,
            ``valid_ppl``, ``valid_bleu``, ``valid_bleu_signature``, ``best_bleu`` (so far), and
            the two clocks.

@@ -43,13 +43,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nmt import checkpoint, config, distributed, rundir
+from nmt import batching, checkpoint, config, distributed, rundir
 from nmt.batching import ORDER_VERSION, Batch, EpochBatches, Prefetch, Update, WeightedCorpora, epoch_count
 from nmt.config import Config
 from nmt.corpus import PreparedCorpus
 from nmt.data import read_parallel
 from nmt.errors import NmtError
-from nmt.hardware import describe_hardware, hardware, pick_device, same_machine, usable_cores
+from nmt.hardware import cpu_sample, describe_hardware, hardware, pick_device, same_machine, usable_cores
 from nmt.loss import chunk_rows, sequence_loss
 from nmt.metrics import bleu
 from nmt.models import build_model, count_parameters
@@ -310,6 +310,9 @@ class Trainer:
         self.tokenizer_sha256 = self.tokenizer.sha256()
         self.train_data = self._join_corpora(parts)
 
+        if self.main and not (self.run_dir / rundir.LENGTHS_FILE).exists():  # for probes without the corpus
+            rundir.write_lengths(self.run_dir, batching.length_histogram(self.train_data, tc.seed), len(self.tokenizer),
+                                 cfg.data.max_len)
         self.batches = EpochBatches(self.train_data, tc.max_tokens, tc.seed, self.rank, self.world_size)
         if not self.batches.epoch(1):
             raise NmtError(f"train.max_tokens={tc.max_tokens} with {self.world_size} rank(s) leaves no "
@@ -576,7 +579,7 @@ class Trainer:
         all_hyps: list[str] = [""] * len(self.valid_src)
         for rank, share in enumerate(shares):
             all_hyps[rank :: self.world_size] = share[3]
-        score = bleu(all_hyps, self.valid_ref)
+        score = bleu(all_hyps, self.valid_ref, tokenize=self.cfg.data.bleu_tokenize)
         return {"valid_loss": loss_sum / ntokens, "valid_ppl": math.exp(min(nll_sum / ntokens, 50)),
                 "valid_bleu": score.score, "valid_bleu_signature": score.signature}
 
@@ -664,8 +667,7 @@ class Trainer:
         self.trainlog.open_bar(st.step, tc.max_steps)
         window = self._new_window()
         validated_at = st.step
-        if tc.prefetch if tc.prefetch is not None else self.device.type == "cuda":
-            updates = Prefetch(updates, self.collate)
+        updates = self.prefetched(updates)
         self.clock.start()
         try:
             while True:
@@ -730,28 +732,47 @@ class Trainer:
                           best_step=st.best_step)
         return st
 
+    def prefetched(self, updates: Iterator[Update]) -> Iterator[Update]:
+        """``updates`` collated ahead on a thread (a ``Prefetch``, to be closed) where ``train.prefetch``
+        asks for it (by default on CUDA), else ``updates`` as they are."""
+        tc = self.cfg.train
+        if tc.prefetch if tc.prefetch is not None else self.device.type == "cuda":
+            return Prefetch(updates, self.collate)
+        return updates
+
     def _count_train_time(self, window: dict, seconds: float) -> None:
         self.state.train_seconds += seconds
         window["seconds"] += seconds
 
     def _log_window(self, window: dict) -> None:
-        """Write one ``train`` record; every rank calls it, for the one all-reduce it makes."""
+        """Write one ``train`` record; every rank calls it, for the one all-reduce it makes.
+
+        The CPU seconds summed are those of the ranks on rank 0's machine (whose cores rank 0's
+        /proc/stat describes): under torchrun they are the ranks numbered as their local rank.
+        """
         st = self.state
+        cpu = cpu_sample()
+        own = cpu.process - window["cpu"].process if self.rank == self.ctx.local_rank else 0.0
         # Each rank summed its own losses; the tokens were counted over all ranks already.
-        sums = torch.stack([window["loss"], window["nll"], torch.tensor(float(self.oom_splits), device=self.device)])
-        loss, nll, splits = distributed.all_sum_tensor(self.ctx, sums).tolist()  # waits for the device
+        sums = torch.stack([window["loss"], window["nll"], torch.tensor(float(self.oom_splits), device=self.device),
+                            torch.tensor(own, device=self.device)])
+        loss, nll, splits, own = distributed.all_sum_tensor(self.ctx, sums).tolist()  # waits for the device
         self.oom_splits = 0
         self._count_train_time(window, self.clock.lap())  # that wait was training time
+        measured = cpu.busy is not None and window["cpu"].busy is not None
         self.trainlog.train(Reading(
             step=st.step, epoch=st.epoch, loss=loss, nll=nll, tokens=window["tokens"], seconds=window["seconds"],
             lr=self.last_lr, oom_splits=int(splits), train_seconds=st.train_seconds,
-            valid_seconds=st.valid_seconds))
+            valid_seconds=st.valid_seconds, cpu_seconds=own,
+            machine_busy_seconds=cpu.busy - window["cpu"].busy if measured else None,
+            machine_core_seconds=cpu.total - window["cpu"].total if measured else None))
         window.update(self._new_window())
 
     def _new_window(self) -> dict:
-        """Sums over one log window; the losses stay on the device until the window is read."""
+        """Sums over one log window; the losses stay on the device until the window is read. ``cpu``: the
+        CPU clocks when the window began (it runs to the next record, validation included)."""
         zero = torch.zeros((), device=self.device)
-        return {"loss": zero, "nll": zero, "tokens": 0, "seconds": 0.0, "steps": 0}
+        return {"loss": zero, "nll": zero, "tokens": 0, "seconds": 0.0, "steps": 0, "cpu": cpu_sample()}
 
 
 class _Interrupted(Exception):

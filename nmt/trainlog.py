@@ -34,6 +34,11 @@ class Reading:
     oom_splits: int
     train_seconds: float  # the clocks since the run began
     valid_seconds: float
+    # CPU seconds over the window, validation included (see ``nmt.runlog``): the training processes' own,
+    # and the busy and total time of the cores rank 0 may run on; the last two None without /proc/stat.
+    cpu_seconds: float | None = None
+    machine_busy_seconds: float | None = None
+    machine_core_seconds: float | None = None
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,10 @@ def _per_token(total: float, r: Reading) -> float:
     return total / max(r.tokens, 1)
 
 
+def _seconds(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
 # The ``train`` record, in its key order.
 TRAIN_SCALARS = (
     Scalar("step", lambda r: r.step),
@@ -60,6 +69,10 @@ TRAIN_SCALARS = (
     Scalar("train_seconds", lambda r: round(r.train_seconds, 3)),
     Scalar("valid_seconds", lambda r: round(r.valid_seconds, 3)),
     Scalar("oom_splits", lambda r: r.oom_splits),
+    # Whether the run had the machine to itself: other processes took (busy - cpu) / core seconds.
+    Scalar("cpu_seconds", lambda r: _seconds(r.cpu_seconds)),
+    Scalar("machine_busy_seconds", lambda r: _seconds(r.machine_busy_seconds)),
+    Scalar("machine_core_seconds", lambda r: _seconds(r.machine_core_seconds)),
 )
 
 # The ``valid`` record's scores (``Trainer.validate``'s result) that TensorBoard draws.
@@ -67,8 +80,10 @@ VALID_TAGS = {"valid_bleu": "valid/bleu", "valid_loss": "valid/loss", "valid_ppl
 
 
 def train_record(reading: Reading) -> dict:
-    """The ``train`` record of a window, as ``log.jsonl`` holds it (without ``event``)."""
-    return {s.key: s.value(reading) for s in TRAIN_SCALARS}
+    """The ``train`` record of a window, as ``log.jsonl`` holds it (without ``event``); a number that
+    could not be measured here (None) is left out."""
+    values = {s.key: s.value(reading) for s in TRAIN_SCALARS}
+    return {key: value for key, value in values.items() if value is not None}
 
 
 class TensorBoard:

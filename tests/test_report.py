@@ -111,6 +111,39 @@ def test_csv_and_json_parse_back_to_the_same_numbers(tmp_path: Path) -> None:
     assert float(table[1]["valid_bleu_at_10min"]) == 22.0
 
 
+def with_load(run: Path, others: list[float]) -> Path:
+    """Give each train record of ``run``'s log CPU figures in which other processes took ``others[i]`` of the
+    cores' time (2 cores over the window's 300 s; the run itself used 1.5 cores)."""
+    lines, window = [], iter(others)
+    for r in runlog.read(run / "log.jsonl"):
+        if r["event"] == "train":
+            share = next(window)
+            r.update(cpu_seconds=450.0, machine_core_seconds=600.0, machine_busy_seconds=450.0 + share * 600.0)
+        lines.append(json.dumps(r))
+    (run / "log.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return run
+
+
+def test_a_run_that_shared_its_machine_has_its_wall_clock_figures_marked(tmp_path: Path) -> None:
+    shared = report.summarize(with_load(make_run(tmp_path, "a"), [0.0, 0.5, 0.02]), 20.0, [10])
+    alone = report.summarize(with_load(make_run(tmp_path, "b"), [0.0, 0.02, 0.09]), 20.0, [10])
+    unknown = report.summarize(make_run(tmp_path, "c"), 20.0, [10])  # logged before nmt recorded CPU figures
+    assert (shared.machine_use, shared.loaded_windows) == ("shared", pytest.approx(1 / 3))
+    assert (alone.machine_use, alone.loaded_windows) == ("alone", 0.0)
+    assert (unknown.machine_use, unknown.loaded_windows) == ("", None)
+    text = report.render([shared, alone, unknown], "md")
+    # Training minutes, tokens/s and time to target of the shared run are marked; its steps and BLEU are not.
+    assert "| 300 | 3 | 15.0 † | 1.0 | 1,000 † | 27.00 | 30.50 | 55.25 | 10.0 † | 42.0 | shared (33% of windows) † |" \
+        in text
+    assert "| 300 | 3 | 15.0 | 1.0 | 1,000 | 27.00 | 30.50 | 55.25 | 10.0 | 42.0 | alone |" in text
+    assert "| 10.0 | 42.0 | – |" in text
+    assert "| a | transformer | 22.00 † |" in text and "| b | transformer | 22.00 |" in text
+    assert "† shared the machine with other work: a (33% of windows). Its wall-clock figures" in text
+    assert "more than 10% of the cores' time" in text and "more than 5% of the run's windows" in text
+    flat = json.loads(report.render([shared, alone], "json"))
+    assert [r["machine_use"] for r in flat] == ["shared", "alone"]
+
+
 def test_bad_minutes_for_at_is_one_line(tmp_path: Path) -> None:
     result = runner.invoke(app, ["report", str(make_run(tmp_path, "a")), "--at", "10,soon"])
     assert result.exit_code != 0 and "--at 10,soon" in result.stderr and "Traceback" not in result.output

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nmt.errors import NmtError
-from nmt.metrics import BOOTSTRAP_SAMPLES, paired_bootstrap
+from nmt.metrics import BOOTSTRAP_SAMPLES, paired_bootstrap, signature_tokenize
 from nmt.report.runs import RunSummary, cached_sha256
 
 NO_HYPOTHESES = "no significance: re-run nmt eval"
@@ -77,15 +77,19 @@ def significance(rows: list[RunSummary], baseline: str | int | None = None,
             updates[i] = {"significance_note": found}
         else:
             hyps[i] = found
-    by_test_set: dict[str, list[int]] = {}
+    # Runs compare on one test set under one BLEU tokenization (data.bleu_tokenize, as the signature says).
+    by_test_set: dict[tuple[str, str], list[int]] = {}
     for i in hyps:
-        by_test_set.setdefault(rows[i].test_set, []).append(i)
+        by_test_set.setdefault((rows[i].test_set, signature_tokenize(rows[i].test_signature)), []).append(i)
     notes, signatures = [], {}
     base_name = rows[base].run if base in hyps else ""
     if not base_name:
         notes.append(f"no p-values: the baseline {rows[base].run} has no kept test hypotheses; re-run nmt eval "
                      "for it, or choose another with --baseline")
-    for test_set, members in by_test_set.items():
+    for (test_set, tokenize), members in by_test_set.items():
+        other_set = test_set != rows[base].test_set
+        what = "another test set" if other_set else "another BLEU tokenization"
+        detail = test_set[:12] if other_set else f"tok:{tokenize}"
         refs = _reference([rows[i] for i in members])
         if isinstance(refs, str):
             updates.update({i: {"significance_note": refs} for i in members})
@@ -98,7 +102,7 @@ def significance(rows: list[RunSummary], baseline: str | int | None = None,
         if not members:
             continue
         compared = base in members
-        results, signatures = paired_bootstrap([(str(i), hyps[i]) for i in members], refs, n_samples)
+        results, signatures = paired_bootstrap([(str(i), hyps[i]) for i in members], refs, n_samples, tokenize)
         for i in members:
             bleu, chrf = results[str(i)]["BLEU"], results[str(i)]["chrF2"]
             values = {"test_bleu_mean": bleu.mean, "test_bleu_ci": bleu.ci, "test_chrf_mean": chrf.mean,
@@ -116,10 +120,10 @@ def significance(rows: list[RunSummary], baseline: str | int | None = None,
                 if same:
                     values["significance_note"] = f"same {' and '.join(same)} as the baseline on every resample"
             elif base_name:
-                values["significance_note"] = f"not compared: another test set than {base_name}'s"
+                values["significance_note"] = f"not compared: {what} than {base_name}'s"
             updates[i] = values
         if not compared and base_name:
-            notes.append(f"not compared with {base_name} (scored on another test set, {test_set[:12]}): "
+            notes.append(f"not compared with {base_name} (scored on {what}, {detail}): "
                          + ", ".join(rows[i].run for i in members))
     rows = [dataclasses.replace(row, **updates.get(i, {})) for i, row in enumerate(rows)]
     return rows, Significance(base_name, signatures, notes)

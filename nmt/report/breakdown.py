@@ -311,14 +311,14 @@ def training_counts(paths: list[Path]) -> Counter:
 # --- the two breakdowns ----------------------------------------------------------------------
 
 def _length_scores(test: _TestSet, names: list[str], base: int, min_sentences: int, parts: int,
-                   n_samples: int) -> list[BucketScore]:
+                   n_samples: int, tokenize: str) -> list[BucketScore]:
     lengths = [len(line.split()) for line in test.source]
     scores = []
     order = sorted(range(len(names)), key=lambda k: k != base)  # the baseline first, as sacreBLEU wants
     for bucket in length_buckets(lengths, min_sentences, parts):
         chosen = [i for i, n in enumerate(lengths) if bucket.holds(n)]
         systems = [(str(k), [test.hyps[k][i] for i in chosen]) for k in order]
-        results, _ = paired_bootstrap(systems, [test.refs[i] for i in chosen], n_samples)
+        results, _ = paired_bootstrap(systems, [test.refs[i] for i in chosen], n_samples, tokenize)
         for k in order:
             for metric in ("BLEU", "chrF2"):
                 r, b = results[str(k)][metric], results[str(base)][metric]
@@ -400,7 +400,8 @@ def breakdown(runs: list[Path], kinds: list[str], baseline: str | None = None,
     kinds = [k for k in KINDS if k in kinds]
     found = Breakdown(kinds, names, names[base], [], n_samples, min_sentences, parts, notes=list(test.notes))
     if "length" in kinds:
-        found.scores += _length_scores(test, names, base, min_sentences, parts, n_samples)
+        # BLEU's words as the baseline's recipe scores them (data.bleu_tokenize)
+        found.scores += _length_scores(test, names, base, min_sentences, parts, n_samples, rows[base].bleu_tokenize)
     if "frequency" in kinds:
         targets = _training_targets(runs[base])
         for key, path in targets:

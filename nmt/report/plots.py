@@ -1,11 +1,13 @@
-"""The report as a picture: valid BLEU against training time, a line per run or per seed group."""
+"""The report as a picture: valid BLEU against training time, a line per run or per seed group, or
+against training time projected onto probed hardware, a line per run and machine."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from nmt import rundir, runlog
-from nmt.report.runs import model_kind
+from nmt.report.projection import CAVEAT, Projection
+from nmt.report.runs import machine_use, model_kind
 from nmt.report.seeds import SeedGroup
 
 
@@ -44,8 +46,9 @@ def plot(runs: list[Path], out: Path, target: float | None = None, speed: bool =
         train = [r for r in records if r["event"] == "train"]
         curves.append(([r["train_seconds"] / 60 for r in valid], [r["valid_bleu"] for r in valid]))
         speeds.append(([r["train_seconds"] / 60 for r in train], [r["tokens_per_s"] for r in train]))
-        if not groups:
-            ax.plot(*curves[-1], marker="o", markersize=3, label=f"{Path(run).name} ({model_kind(Path(run))})")
+        if not groups:  # a run that shared its machine says so: its time axis is not usable
+            shared = " – shared machine: time not usable" if machine_use(records)[0] == "shared" else ""
+            ax.plot(*curves[-1], marker="o", markersize=3, label=f"{Path(run).name} ({model_kind(Path(run))}){shared}")
     for g in groups:
         members = [curves[i] for i in g.members if curves[i][0]]
         if len(members) == 1:
@@ -69,5 +72,33 @@ def plot(runs: list[Path], out: Path, target: float | None = None, speed: bool =
         axes[1][0].set_ylabel("target tokens/s")
         axes[1][0].grid(alpha=0.3)
     fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def plot_projected(projections: list[Projection], out: Path, target: float | None = None) -> None:
+    """Valid BLEU against projected training minutes (``--time-from``): a line per run and probed machine,
+    dashed, every label saying "projected"; the caveat under the axes."""
+    import textwrap
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for p in projections:
+        if p.curve:
+            ax.plot(*zip(*p.curve), linestyle="--", marker="o", markersize=3,
+                    label=f"{p.run} on {p.machine} (projected)")
+    if target is not None:
+        ax.axhline(target, linestyle=":", color="grey", label=f"target {target:g}")
+    ax.set_xlabel("projected training time (minutes, validation excluded): updates × the probe's s/update")
+    ax.set_ylabel("valid BLEU")
+    ax.set_title("Valid BLEU against projected training time", fontsize="medium")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="x-small")
+    fig.text(0.01, 0.01, textwrap.fill(CAVEAT, 150), fontsize=6, va="bottom")
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(out, dpi=100)
     plt.close(fig)

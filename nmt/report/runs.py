@@ -43,6 +43,7 @@ class RunSummary:
     decode_sent_per_s: float | None  # beam 5 on the test set, where measured
     tokenizer_sha256: str
     test_set: str  # the reference file's sha256 (or name) of the test result
+    bleu_tokenize: str = "13a"  # the recipe's data.bleu_tokenize: how its valid and test BLEU split words
     test_source: str = ""  # the source file the test result translated
     test_checkpoint: str = ""  # the checkpoint that translated it ("best step 1200")
     # Empty when the test result is the recipe's test split with the best checkpoint; else how it differs.
@@ -69,6 +70,10 @@ class RunSummary:
     p_bleu: float | None = None
     p_chrf: float | None = None
     target: float | None = None  # the valid BLEU that time_to_target_minutes is the time to
+    # Whether the run had its machine to itself (``machine_use``): "alone", "shared" (its wall-clock
+    # figures are then not usable), or "" where its log records no CPU figures.
+    machine_use: str = ""
+    loaded_windows: float | None = None  # the share of its log windows in which other processes took the cores
     p_baseline: str = ""
     significance_note: str = ""  # "baseline", or why there is no interval or p-value
 
@@ -79,6 +84,22 @@ def time_to_target(records: list[dict], target: float) -> float | None:
         if r["event"] == "valid" and r.get("valid_bleu", -1) >= target:
             return r["train_seconds"] / 60
     return None
+
+
+# A log window "had other load" where other processes took more than hardware.OTHER_LOAD_LIMIT (10%) of
+# the cores' time; a run "shared the machine" where more than this share of its windows had.
+SHARED_WINDOWS = 0.05
+
+
+def machine_use(records: list[dict]) -> tuple[str, float | None]:
+    """("alone" or "shared", the share of the log windows with other load) of a run's log; ("", None)
+    for a log that records no CPU figures (written before nmt recorded them, or without /proc/stat)."""
+    loads = [hardware.other_share(r["machine_busy_seconds"], r.get("cpu_seconds", 0.0), r["machine_core_seconds"])
+             for r in records if r["event"] == "train" and r.get("machine_core_seconds")]
+    if not loads:
+        return "", None
+    loaded = sum(load > hardware.OTHER_LOAD_LIMIT for load in loads) / len(loads)
+    return ("shared" if loaded > SHARED_WINDOWS else "alone"), loaded
 
 
 # A run stopped by a time limit finishes the update in flight, so its last validation lands a
@@ -200,6 +221,7 @@ def summarize(run: Path, target: float | None = None, at: list[float] = ()) -> R
     cfg = read_config(run)
     test, test_note = _test_result(run, cfg, records)
     spm = run / rundir.MODEL_FILE
+    use, loaded = machine_use(records)
     return RunSummary(
         run=run.name,
         model=model_kind(run, cfg),
@@ -218,6 +240,7 @@ def summarize(run: Path, target: float | None = None, at: list[float] = ()) -> R
         test_bleu=test["BLEU"]["score"] if test else None,
         test_chrf=test["chrF2"]["score"] if test else None,
         test_signature=test["BLEU"]["signature"] if test else "",
+        bleu_tokenize=(cfg.get("data") or {}).get("bleu_tokenize", "13a"),
         time_to_target_minutes=time_to_target(records, target) if target is not None else None,
         target=target,
         decode_sent_per_s=test["sentences_per_s"] if test and test.get("beam") == 5 else None,
@@ -235,6 +258,8 @@ def summarize(run: Path, target: float | None = None, at: list[float] = ()) -> R
         test_hyp=str(run / rundir.EVAL_DIR / test["hyp"]) if test and test.get("hyp") else "",
         test_hyp_sha256=test.get("hyp_sha256", "") if test else "",
         test_ref=test.get("ref", "") if test else "",
+        machine_use=use,
+        loaded_windows=loaded,
     )
 
 
@@ -278,7 +303,8 @@ def model_kind(run: Path, cfg: dict | None = None) -> str:
 
 def check_comparable(rows: list[RunSummary]) -> None:
     """Refuse a table of runs with different tokenizers, test sets or CPUs, naming which differ."""
-    for attr, what in (("tokenizer_sha256", "SentencePiece models"), ("test_set", "test sets")):
+    for attr, what in (("tokenizer_sha256", "SentencePiece models"), ("test_set", "test sets"),
+                       ("bleu_tokenize", "BLEU tokenizations (data.bleu_tokenize)")):
         groups: dict[str, list[str]] = {}
         for row in rows:
             if getattr(row, attr):
@@ -286,7 +312,7 @@ def check_comparable(rows: list[RunSummary]) -> None:
         if len(groups) > 1:
             listing = "; ".join(", ".join(names) for names in groups.values())
             raise NmtError(f"these runs use different {what} ({listing}), so their numbers do not "
-                           "compare; train with tokenizer.reuse / evaluate on the same files, or pass "
+                           "compare; train with tokenizer.reuse / evaluate on the same files / score alike, or pass "
                            "--allow-mixed")
     for row in rows:
         if row.moved_to:

@@ -10,17 +10,28 @@ import json
 from dataclasses import asdict
 
 from nmt.errors import NmtError
+from nmt.hardware import OTHER_LOAD_LIMIT
 from nmt.metrics import BOOTSTRAP_SAMPLES
 from nmt.report.bootstrap import Significance
-from nmt.report.runs import RunSummary, machine_of
+from nmt.report.projection import CAVEAT, Projection, probe_notes
+from nmt.report.runs import SHARED_WINDOWS, RunSummary, machine_of
 from nmt.report.seeds import SeedGroup, Spread
 
+SHARED = " †"  # marks a wall-clock figure of a run that shared its machine
 
-def _flat(row: RunSummary) -> dict:
-    """The row as one level of named values: bleu_at becomes valid_bleu_at_<m>min columns."""
+
+def _flat(row: RunSummary, projections: list[Projection] = ()) -> dict:
+    """The row as one level of named values: bleu_at becomes valid_bleu_at_<m>min columns, and each projection
+    of the run projected_<value>[<machine>] columns."""
     values = asdict(row)
     for minutes, score in values.pop("bleu_at").items():
         values[f"valid_bleu_at_{minutes}min"] = score
+    for p in projections:
+        if p.run == row.run:
+            values.update({f"projected_seconds_per_update[{p.machine}]": p.seconds_per_update,
+                           f"projected_train_minutes[{p.machine}]": p.train_minutes,
+                           f"projected_time_to_target_minutes[{p.machine}]": p.time_to_target_minutes})
+            values.update({f"projected_valid_bleu_at_{m}min[{p.machine}]": v for m, v in p.bleu_at.items()})
     return values
 
 
@@ -38,10 +49,11 @@ def _flat_group(group: SeedGroup) -> dict:
 
 
 def render(rows: list[RunSummary], fmt: str, groups: list[SeedGroup] = (),
-           tested: Significance | None = None) -> str:
+           tested: Significance | None = None, projections: list[Projection] = ()) -> str:
     """The report as md, csv or json. With seed groups, csv and json list the runs ("row": "run")
-    and then the groups ("row": "group") with their own columns."""
-    flat = [_flat(r) for r in rows]
+    and then the groups ("row": "group") with their own columns. Projections (``--time-from``) add
+    tables in md, columns named ``projected_...[machine]`` in csv and json."""
+    flat = [_flat(r, projections) for r in rows]
     if groups:
         flat = [{"row": "run", **values} for values in flat] + [{"row": "group", **_flat_group(g)} for g in groups]
     if fmt == "json":
@@ -55,7 +67,7 @@ def render(rows: list[RunSummary], fmt: str, groups: list[SeedGroup] = (),
             writer.writerow({k: ("" if v is None else v) for k, v in values.items()})
         return out.getvalue()
     if fmt == "md":
-        return _markdown(rows, groups, tested)
+        return _markdown(rows, groups, tested, projections)
     raise NmtError(f"--format {fmt}: choose md, csv or json")
 
 
@@ -68,20 +80,29 @@ def _p(value: float | None) -> str:
     return "–" if value is None else f"{value:.4f}" + ("*" if value <= 0.05 else "")
 
 
-def _markdown(rows: list[RunSummary], groups: list[SeedGroup] = (), tested: Significance | None = None) -> str:
+def _machine_use(r: RunSummary) -> str:
+    if r.machine_use == "shared":
+        return f"shared ({r.loaded_windows:.0%} of windows){SHARED}"
+    return r.machine_use or "–"
+
+
+def _markdown(rows: list[RunSummary], groups: list[SeedGroup] = (), tested: Significance | None = None,
+              projections: list[Projection] = ()) -> str:
     num = _num
     head = ["run", "model", "params", "device × ranks", "precision", "batch", "steps", "epochs",
             "train min", "valid min", "tok/s", "best valid BLEU", "test BLEU", "test chrF",
-            _to_target(rows), "beam-5 sent/s"]
+            _to_target(rows), "beam-5 sent/s", "machine"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         flags = (" (fine-tuned)" if r.init_from else "") + ("" if r.status == "finished" else " (unfinished)")
+        wall = SHARED if r.machine_use == "shared" else ""  # its wall-clock figures are not usable
         cells = [r.run + flags, r.model, num(r.params, ","),
                  f"{r.device} × {r.ranks}", r.precision, num(r.effective_batch, ","), str(r.steps),
-                 str(r.epochs), f"{r.train_minutes:.1f}", f"{r.valid_minutes:.1f}", num(r.tokens_per_s, ",.0f"),
+                 str(r.epochs), f"{r.train_minutes:.1f}{wall}", f"{r.valid_minutes:.1f}",
+                 num(r.tokens_per_s, ",.0f") + wall,
                  num(r.best_valid_bleu, ".2f"), num(r.test_bleu, ".2f") + (" *" if r.test_note else ""),
                  num(r.test_chrf, ".2f"),
-                 num(r.time_to_target_minutes, ".1f"), num(r.decode_sent_per_s, ".1f")]
+                 num(r.time_to_target_minutes, ".1f") + wall, num(r.decode_sent_per_s, ".1f"), _machine_use(r)]
         lines.append("| " + " | ".join(cells) + " |")
     marks = list(rows[0].bleu_at) if rows else []
     if marks:
@@ -89,7 +110,12 @@ def _markdown(rows: list[RunSummary], groups: list[SeedGroup] = (), tested: Sign
                   "| run | model | " + " | ".join(f"{m} min" for m in marks) + " |",
                   "|---|---|" + "---|" * len(marks)]
         for r in rows:
-            lines.append(f"| {r.run} | {r.model} | " + " | ".join(num(r.bleu_at[m], ".2f") for m in marks) + " |")
+            wall = SHARED if r.machine_use == "shared" else ""
+            lines.append(f"| {r.run} | {r.model} | " + " | ".join(num(r.bleu_at[m], ".2f") + wall for m in marks)
+                         + " |")
+    lines += _shared_lines(rows)
+    if projections:
+        lines += _projection_lines(rows, projections, marks)
     if tested is not None and any(r.test_bleu is not None for r in rows):
         lines += _significance_lines(rows, tested, bool(groups))
     if groups:
@@ -169,6 +195,48 @@ def _group_lines(groups: list[SeedGroup], marks: list[str], to_target: str) -> l
             cells = " | ".join(_spread(g.bleu_at[m], len(g.runs)) for m in marks)
             lines.append(f"| {g.recipe} | {g.model} | {cells} |")
     return lines
+
+
+def _shared_lines(rows: list[RunSummary]) -> list[str]:
+    """What † means, where a run shared its machine."""
+    shared = [f"{r.run} ({r.loaded_windows:.0%} of windows)" for r in rows if r.machine_use == "shared"]
+    if not shared:
+        return []
+    return ["", f"{SHARED.strip()} shared the machine with other work: {', '.join(shared)}. Its wall-clock figures "
+            "(train min, tok/s, time to target, BLEU by training time) are not usable; its steps and BLEU are, and "
+            "--time-from PROBE.json projects its time from its updates. Rule: in a log window other processes "
+            f"took more than {OTHER_LOAD_LIMIT:.0%} of the cores' time (machine_busy_seconds - cpu_seconds over "
+            f"machine_core_seconds), in more than {SHARED_WINDOWS:.0%} of the run's windows."]
+
+
+def _projection_lines(rows: list[RunSummary], projections: list[Projection], marks: list[str]) -> list[str]:
+    """The projected times: a column per probed machine, then BLEU by projected minutes per machine."""
+    machines = list(dict.fromkeys(p.machine for p in projections))
+    by = {(p.run, p.machine): p for p in projections}
+    models = {r.run: r.model for r in rows}
+    lines = ["", "Projected training time in minutes (the run's updates × the probe's seconds per update, validation "
+             "excluded; projected, not measured):", "",
+             "| run | model | updates | " + " | ".join(f"projected min on {m}" for m in machines) + " |",
+             "|---|---|---|" + "---|" * len(machines)]
+    for r in rows:
+        cells = [f"{by[r.run, m].train_minutes:.1f} ({by[r.run, m].seconds_per_update:.4g} s/update)" for m in machines]
+        lines.append(f"| {r.run} | {r.model} | {r.steps:,} | " + " | ".join(cells) + " |")
+    target = rows[0].target if rows else None
+    if target is not None:
+        lines += ["", f"Projected minutes to valid BLEU {target:g} (first validation that reached it):", "",
+                  "| run | model | " + " | ".join(f"projected min on {m}" for m in machines) + " |",
+                  "|---|---|" + "---|" * len(machines)]
+        for r in rows:
+            cells = [_num(by[r.run, m].time_to_target_minutes, ".1f") for m in machines]
+            lines.append(f"| {r.run} | {models[r.run]} | " + " | ".join(cells) + " |")
+    for m in machines if marks else []:
+        lines += ["", f"Best valid BLEU by projected training time on {m}:", "",
+                  "| run | model | " + " | ".join(f"{mark} projected min" for mark in marks) + " |",
+                  "|---|---|" + "---|" * len(marks)]
+        for r in rows:
+            cells = [_num(by[r.run, m].bleu_at.get(mark), ".2f") for mark in marks]
+            lines.append(f"| {r.run} | {r.model} | " + " | ".join(cells) + " |")
+    return lines + ["", CAVEAT, "", "Probes:", *[f"- {note}" for note in probe_notes(projections)]]
 
 
 def _hardware_lines(rows: list[RunSummary]) -> list[str]:
