@@ -722,7 +722,8 @@ def serve(
     max_batch_requests: Annotated[int, typer.Option(
         help="Requests gathered into one batch (1: each request decoded on its own).")] = 64,
     max_wait_ms: Annotated[float, typer.Option(
-        help="How long the oldest request waits for others to join its batch.")] = 5.0,
+        help="A batch is sent once no request has joined it for this long (while it holds fewer requests "
+             "than the batch before it, once 10 times this has passed).")] = 5.0,
     max_queue: Annotated[int, typer.Option(help="Requests waiting or decoding; more get 503.")] = 256,
     timeout: Annotated[float, typer.Option(help="Seconds a request may take in all; 504 after.")] = 30.0,
     access_log: Annotated[bool, typer.Option(help="Log every request (default: only errors, one line each).")] = False,

@@ -3,8 +3,15 @@
 Each request becomes a ``Job``: the segments it asks for, the model and the search settings.
 One collector task takes the oldest waiting job and every other job waiting for the same
 model and settings, in arrival order, until the batch holds ``max_batch_tokens`` source
-tokens or ``max_batch_requests`` requests, or ``max_wait`` has passed since the oldest job
-arrived (a job that waited while the previous batch decoded is sent at once). The batch's
+tokens or ``max_batch_requests`` requests, or no job has joined it for ``max_wait``; while it
+holds fewer requests than the batch before it, the collector waits up to ``GATHER_WAITS`` times
+``max_wait`` (counted from when it began gathering, so a job that waited during the previous
+batch's decoding waits at most that much more). That expectation is what keeps a busy server's
+batches full: when a batch's answers go out, its clients' next requests come back over tens of
+milliseconds, and a wait counted from the oldest job split them into two cohorts that then
+alternate forever, each decoding while the other's answers travel (measured with 64 clients
+sending test2016 lines: 49.6 requests/s in batches of about 32 and 46 + 18, 71.0 in batches of
+64). A lone client pays one ``max_wait`` per request. The batch's
 segments go through ``nmt.translate`` as one input: sorted by length, cut into the same
 batches ``nmt translate`` makes, and since every sentence's search is independent of its
 batch (in fp32 on nmt's engine), a request gets the translation it would get alone.
@@ -40,6 +47,9 @@ class Refused(Exception):
         self.status = status
 
 
+GATHER_WAITS = 10  # the most a batch is gathered for, in units of max_wait
+
+
 @dataclass
 class Job:
     model: ServedModel
@@ -62,7 +72,7 @@ class Job:
 class Limits:
     max_batch_tokens: int | None = None  # None: the model's search.max_tokens
     max_batch_requests: int = 64  # 1: every request decoded on its own
-    max_wait: float = 0.005  # seconds the oldest job waits for others to join it
+    max_wait: float = 0.005  # seconds without a new job that end the gathering of a batch
     max_queue: int = 256  # jobs waiting or decoding; more are refused (503)
     timeout: float = 30.0  # seconds a request may take in all (504 after)
 
@@ -79,6 +89,7 @@ class Batcher:
         self.limits = limits
         self.waiting: list[Job] = []
         self.pending = 0  # jobs submitted and not yet answered
+        self.last_size = 0  # jobs in the last batch gathered
         self.arrival = asyncio.Event()
         self.closing = False
         self.stats = Stats()
@@ -144,8 +155,13 @@ class Batcher:
     async def _gather(self) -> list[Job]:
         first = self.waiting[0]
         batch = self._matching(first)
+        started = time.monotonic()
+        most = started + GATHER_WAITS * self.limits.max_wait
         while not self._full(batch) and not self.closing:
-            left = first.arrived + self.limits.max_wait - time.monotonic()
+            # Until no job has come for max_wait; while the batch is smaller than the last one,
+            # whose clients are likely sending their next requests, until the most.
+            until = max(started, max(job.arrived for job in batch)) + self.limits.max_wait
+            left = min(most if len(batch) < self.last_size else until, most) - time.monotonic()
             if left <= 0:
                 break
             self.arrival.clear()
@@ -154,6 +170,7 @@ class Batcher:
             except asyncio.TimeoutError:
                 break
             batch = self._matching(first)
+        self.last_size = len(batch)
         taken = {id(job) for job in batch}
         self.waiting = [job for job in self.waiting if id(job) not in taken]
         return [job for job in batch if not job.gone]
