@@ -172,7 +172,7 @@ def test_bad_inputs_are_one_line(tmp_path: Path) -> None:
     a, b = map(str, runs)
     old = make_run(tmp_path, "old")  # evaluated before nmt eval kept the hypotheses
     error = one_line_error(["report", a, str(old), "--breakdown", "length"])
-    assert f"{old} kept no test hypotheses" in error and f"nmt eval --model {old} --src " in error
+    assert f"{old}: its record keeps no hypotheses" in error and f"nmt eval --model {old} --src " in error
     assert "test2016.en --ref " in error  # the recipe's test split, to evaluate on
     changed = scored_run(tmp_path, "changed", corrupt(refs, 0.3, 5))
     (changed / "eval" / "test2016.en.best.beam5.hyp").write_text("edited\n" * len(refs), encoding="utf-8")

@@ -22,17 +22,17 @@ class Significance:
     notes: list[str]  # one line each: runs that were not compared, and why
 
 
-def _kept_hypotheses(row: RunSummary) -> list[str] | str:
-    """The test hypotheses of a run, or why there are none to test."""
+def kept_hypotheses(row: RunSummary) -> list[str] | str:
+    """The test hypotheses a run's evaluation kept, checked by sha256, or why there are none to use."""
     if row.test_bleu is None:
-        return "no significance: no test evaluation (nmt eval --model RUN --src ... --ref ...)"
+        return "no test evaluation"
     if not row.test_hyp or not row.test_hyp_sha256:
-        return f"{NO_HYPOTHESES} (its record keeps no hypotheses)"
+        return "its record keeps no hypotheses"
     path = Path(row.test_hyp)
     if not path.is_file():
-        return f"{NO_HYPOTHESES} ({path} is missing)"
+        return f"{path} is missing"
     if cached_sha256(path, path.stat().st_mtime_ns) != row.test_hyp_sha256:
-        return f"{NO_HYPOTHESES} ({path} changed since it was scored)"
+        return f"{path} changed since it was scored"
     return path.read_text(encoding="utf-8").splitlines()
 
 
@@ -45,7 +45,7 @@ def _reference(rows: list[RunSummary]) -> list[str] | str:
     return f"no significance: the reference {rows[0].test_ref or '?'} is missing or changed since scoring"
 
 
-def _same_resamples(a, b) -> bool:
+def same_resamples(a, b) -> bool:
     """Whether two systems' bootstrap results are equal: their sentence statistics are the same."""
     return (a.score, a.mean, a.ci) == (b.score, b.mean, b.ci)
 
@@ -72,9 +72,10 @@ def significance(rows: list[RunSummary], baseline: str | int | None = None,
     updates: dict[int, dict] = {}
     hyps: dict[int, list[str]] = {}
     for i, row in enumerate(rows):
-        found = _kept_hypotheses(row)
+        found = kept_hypotheses(row)
         if isinstance(found, str):
-            updates[i] = {"significance_note": found}
+            updates[i] = {"significance_note": "no significance: no test evaluation (nmt eval --model RUN --src ... "
+                                               "--ref ...)" if row.test_bleu is None else f"{NO_HYPOTHESES} ({found})"}
         else:
             hyps[i] = found
     # Runs compare on one test set under one BLEU tokenization (data.bleu_tokenize, as the signature says).
@@ -114,7 +115,7 @@ def significance(rows: list[RunSummary], baseline: str | int | None = None,
             elif compared:
                 # Equal scores on every resample (outputs that differ only where neither scores)
                 # also get sacreBLEU's smallest p-value; say so instead.
-                same = [m for m, r in results[str(i)].items() if _same_resamples(r, results[str(base)][m])]
+                same = [m for m, r in results[str(i)].items() if same_resamples(r, results[str(base)][m])]
                 values.update(p_bleu=None if "BLEU" in same else bleu.p_value,
                               p_chrf=None if "chrF2" in same else chrf.p_value, p_baseline=base_name)
                 if same:

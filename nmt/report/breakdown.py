@@ -36,7 +36,7 @@ from nmt.data import read_lines
 from nmt.download import data_root
 from nmt.errors import NmtError
 from nmt.metrics import BOOTSTRAP_SAMPLES, paired_bootstrap
-from nmt.report.bootstrap import find_run
+from nmt.report.bootstrap import find_run, kept_hypotheses, same_resamples
 from nmt.report.runs import RunSummary, cached_sha256, read_config, summarize
 
 KINDS = ("length", "frequency")
@@ -249,18 +249,12 @@ def _data_file(recorded: str, sha256: str, fallback: Path | None, what: str, run
 
 def _hypotheses(run: Path, row: RunSummary, test_files: tuple[Path, Path] | None) -> list[str]:
     """A run's kept test hypotheses, or an error saying how to keep them."""
-    src, ref = test_files or ("SRC", "REF")
-    again = f"run nmt eval --model {run} --src {src} --ref {ref} to keep them in {run / rundir.EVAL_DIR}/"
-    if row.test_bleu is None:
-        raise NmtError(f"--breakdown: {run} has no test evaluation; {again}")
-    if not row.test_hyp or not row.test_hyp_sha256:
-        raise NmtError(f"--breakdown: {run} kept no test hypotheses (its evaluation predates them); {again}")
-    path = Path(row.test_hyp)
-    if not path.is_file():
-        raise NmtError(f"--breakdown: {run}'s test hypotheses {path} are missing; {again}")
-    if cached_sha256(path, path.stat().st_mtime_ns) != row.test_hyp_sha256:
-        raise NmtError(f"--breakdown: {path} changed since it was scored; {again}")
-    return read_lines(path)
+    found = kept_hypotheses(row)
+    if isinstance(found, str):
+        src, ref = test_files or ("SRC", "REF")
+        raise NmtError(f"--breakdown: {run}: {found}; run nmt eval --model {run} --src {src} --ref {ref} to keep "
+                       f"them in {run / rundir.EVAL_DIR}/")
+    return found
 
 
 def _test_set(runs: list[Path], rows: list[RunSummary]) -> _TestSet:
@@ -327,7 +321,7 @@ def _length_scores(test: _TestSet, names: list[str], base: int, min_sentences: i
                     note = "baseline"
                 elif systems[order.index(k)][1] == systems[0][1]:
                     p, note = None, "identical to the baseline's output"
-                elif (r.score, r.mean, r.ci) == (b.score, b.mean, b.ci):
+                elif same_resamples(r, b):
                     p, note = None, "same as the baseline on every resample"
                 scores.append(BucketScore("length", bucket.label, bucket.low, bucket.high, bucket.size, names[k],
                                           metric, r.score, r.mean, r.ci, p, None, note))
