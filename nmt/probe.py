@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import resource
 import shutil
 import statistics
@@ -39,6 +38,7 @@ from nmt.batching import EpochBatches, Prefetch, Update
 from nmt.config import Config
 from nmt.corpus import PreparedCorpus
 from nmt.errors import NmtError
+from nmt.files import write_text_atomic
 from nmt.hardware import OTHER_LOAD_LIMIT, CpuSample, cpu_sample, hardware, other_load
 from nmt.tokenizer import EOS
 from nmt.train import Trainer
@@ -279,9 +279,7 @@ def write_probe(path: Path, record: dict) -> None:
     """Write a probe file atomically (temp file, rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.tmp")
-    temp.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-    os.replace(temp, path)
+    write_text_atomic(path, json.dumps(record, indent=1) + "\n")
 
 
 def read_probe(path: Path) -> dict:

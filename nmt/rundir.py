@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -40,7 +39,7 @@ import torch
 from nmt import checkpoint, config
 from nmt.config import Config
 from nmt.errors import NmtError
-from nmt.files import fsync_dir, sha256
+from nmt.files import sha256, write_text_atomic
 from nmt.runlog import RunLog
 from nmt.tokenizer import MODEL_FILE, Tokenizer
 
@@ -104,14 +103,11 @@ def require_run(run_dir: Path, where: str | None = None, hint: str = "give the d
 def write_lengths(run_dir: Path, counts: list[list[int]], vocab_size: int, max_len: int) -> None:
     """Write ``lengths.json``: the joint histogram of the training pairs' lengths (``counts``: [source
     ids, target ids, pairs], without EOS/BOS, as ``nmt.batching.length_histogram`` gives it), with the
-    vocabulary size and the length filter, atomically (temp file, rename)."""
+    vocabulary size and the length filter, atomically."""
     path = Path(run_dir) / LENGTHS_FILE
     record = {"format": LENGTHS_FORMAT, "vocab_size": vocab_size, "max_len": max_len,
               "pairs": sum(c[2] for c in counts), "counts": counts}
-    temp = path.with_name(f".{path.name}.tmp")
-    temp.write_text(json.dumps(record, separators=(",", ":")) + "\n", encoding="utf-8")
-    os.replace(temp, path)
-    fsync_dir(path.parent)
+    write_text_atomic(path, json.dumps(record, separators=(",", ":")) + "\n")
 
 
 def read_lengths(run_dir: Path) -> dict:

@@ -303,8 +303,7 @@ def test_two_runs_for_one_pair_are_refused(trained_run, tmp_path) -> None:
 
 
 def test_ctranslate2_export_is_served_as_it_translates(trained_run, tmp_path) -> None:
-    """An export decoded by CTranslate2 answers what nmt translate --engine ctranslate2 gives (the
-    recipe's coverage penalty, which CTranslate2 lacks, is left out with a warning)."""
+    """An export decoded by CTranslate2 answers what nmt translate --engine ctranslate2 gives."""
     pytest.importorskip("ctranslate2")
     from nmt.export import ExportedModel, export_ctranslate2
 
@@ -312,7 +311,7 @@ def test_ctranslate2_export_is_served_as_it_translates(trained_run, tmp_path) ->
     export_ctranslate2(trained_run, out)
     engine = ExportedModel(out, threads=1)
     lines = SENTENCES[:6]
-    want = [t.texts[0] for t in engine.translate(lines, dataclasses.replace(engine.search, coverage_penalty=0.0))]
+    want = [t.texts[0] for t in engine.translate(lines, engine.search)]
     served = Served(tmp_path, "-m", str(out), "--engine", "ctranslate2")
     try:
         status, answer = served.post_json("/translate", {"q": lines, "source": "en", "target": "de"})

@@ -2,9 +2,9 @@
 
 A ``ServedModel`` is a run directory decoded by nmt (a Transformer, a GNMT, an ensemble is
 not served) or a directory written by ``nmt export`` decoded by CTranslate2. Its search
-settings are the run's (``search.yaml`` included) with two changes a server needs: no
-sampling (a drawn translation depends on the line's place in the input, and so on what
-else was in the batch) and, on CTranslate2, no coverage penalty (the engine has none).
+settings are the run's (``search.yaml`` included) with no sampling: a drawn translation
+depends on the line's place in the input, and so on what else was in the batch. An export
+stores no coverage penalty (CTranslate2 has none; ``nmt.export``).
 """
 
 from __future__ import annotations
@@ -73,12 +73,7 @@ def _exported_model(i: int, path: Path, threads: int | None) -> ServedModel:
     if exported.languages is None:
         raise NmtError(f"{path}: this export does not name its languages (made before nmt recorded them); "
                        f"export the run again with nmt export RUN --to ctranslate2 {path}")
-    search = exported.search
-    if search.coverage_penalty:
-        log.warning("%s: the ctranslate2 engine applies no coverage penalty; serving without the export's %g",
-                    path, search.coverage_penalty)
-        search = dataclasses.replace(search, coverage_penalty=0.0)
-    search = dataclasses.replace(search, sampling="none", stop="standard")
+    search = dataclasses.replace(exported.search, sampling="none", stop="standard")
     source, target = exported.languages
     return ServedModel(i, path, source, target, "ctranslate2", search, exported.tokenizer, exported.translate)
 
