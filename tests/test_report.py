@@ -470,7 +470,9 @@ def test_compare_script_trains_every_pair_and_seed_and_reports_each_pair(tmp_pat
     subprocess.run(["bash", str(script)], env=env, check=True, capture_output=True)
     calls = (tmp_path / "calls").read_text().splitlines()
     trains = [c for c in calls if c.startswith("train ")]
-    assert len(trains) == 7 and sum("gnmt-en-cs.yaml" in c and "train.seed=2" in c for c in trains) == 1
+    # en-de compares three recipes (the 6+1 Transformer too), en-cs two; one en-de run is kept.
+    assert len(trains) == 9 and sum("gnmt-en-cs.yaml" in c and "train.seed=2" in c for c in trains) == 1
+    assert sum("multi30k/transformer-deep-enc.yaml" in c for c in trains) == 2
     assert not [c for c in calls if f"{kept} " in c + " " and not c.startswith("report ")]
     assert sum(f"{resumed} " in c + " " for c in calls if not c.startswith("report ")) == 2  # train, eval
     assert f"{kept} " in [c for c in calls if c.startswith("report ")][0]

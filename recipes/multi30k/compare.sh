@@ -12,8 +12,11 @@
 # small_parallel_enja (recipes/small_parallel_enja, test split test, BLEU on the given tokens:
 # tok:none; $NMT_DATA/small_parallel_enja must hold its files, nmt data does not fetch them).
 #
+# MODELS lists the recipes compared (default: transformer gnmt, and for en-de also
+# transformer-deep-enc, the 6+1 layer Transformer); the first is the baseline of the p-values.
+#
 # BUDGET is minutes of training per run (validation time excluded); runs go one after the
-# other, each alone on the machine: 2 models x seeds x pairs x BUDGET minutes, plus evaluation.
+# other, each alone on the machine: models x seeds x pairs x BUDGET minutes, plus evaluation.
 # Re-running the script resumes unfinished runs; raising BUDGET continues finished ones.
 # Output: OUT/PAIR/{transformer,gnmt}-seedN/ (runs), OUT/PAIR/report.{md,csv}, OUT/PAIR/bleu-vs-time.png.
 # OUT defaults to the corpus's recipes/CORPUS/results, where the measured answer is kept: checkpoints (*.pt)
@@ -52,6 +55,12 @@ corpus() {  # corpus PAIR: the directory of its recipes (recipes/CORPUS) and dat
     case "$1" in en-ja|ja-en) echo small_parallel_enja;; *) echo multi30k;; esac
 }
 
+models() {  # models PAIR: the recipes compared on PAIR, the baseline first
+    if [ -n "${MODELS:-}" ]; then echo "$MODELS"
+    elif [ "$1" = en-de ]; then echo "transformer gnmt transformer-deep-enc"
+    else echo "transformer gnmt"; fi
+}
+
 recipe() {  # recipe MODEL PAIR: en-de has the original recipes, the others a -PAIR suffix
     if [ "$2" = en-de ]; then echo "recipes/multi30k/$1.yaml"; else echo "recipes/$(corpus "$2")/$1-$2.yaml"; fi
 }
@@ -77,14 +86,14 @@ read -r -a seeds <<<"$SEEDS"
 first=${seeds[0]}
 for pair in $PAIRS; do
     src=${pair%-*} tgt=${pair#*-} data=$ROOT/$(corpus "$pair") split=$(test_split "$pair")
-    for model in transformer gnmt; do
+    for model in $(models "$pair"); do
         [ -f "$(recipe "$model" "$pair")" ] || { echo "compare.sh: no recipe $(recipe "$model" "$pair") for $pair" >&2; exit 1; }
     done
     dir=${OUT:-recipes/$(corpus "$pair")/results}/$pair
     shared=$dir/transformer-seed$first  # its SentencePiece model serves every run of the pair
     checked=""
     for seed in "${seeds[@]}"; do
-        for model in transformer gnmt; do
+        for model in $(models "$pair"); do
             run=$dir/$model-seed$seed
             if [ ! -f "$run/last.pt" ] && compgen -G "$run/eval/*.json" >/dev/null; then
                 echo "compare.sh: $run is kept as recorded (scores, no last.pt to go on from)" >&2
@@ -106,7 +115,7 @@ for pair in $PAIRS; do
             nmt eval --model "$run" --src "$data/$split.$src" --ref "$data/$split.$tgt" --beam 5
         done
     done
-    for model in transformer gnmt; do
+    for model in $(models "$pair"); do
         [ -f "$dir/$model-seed$first/best.pt" ] || continue  # a kept run keeps its plot
         # matplotlib's default font (DejaVu Sans) has no Japanese glyphs: every Japanese label would be
         # a box, so en-ja and ja-en get no plot here (nmt attention by hand, with a font that has them).
@@ -115,11 +124,12 @@ for pair in $PAIRS; do
             --text "A man in an orange hat starring at something."
     done
     runs=()
-    for model in transformer gnmt; do
+    for model in $(models "$pair"); do
         for seed in "${seeds[@]}"; do runs+=("$dir/$model-seed$seed"); done
     done
-    # Seeds grouped; the p-value compares the GNMT's first seed with the Transformer's.
-    options=(--group-seeds --baseline "transformer-seed$first" --target "$(target "$pair")" --at "$AT")
+    # Seeds grouped; the p-values compare each recipe's first seed with the first model's.
+    read -r -a compared <<<"$(models "$pair")"
+    options=(--group-seeds --baseline "${compared[0]}-seed$first" --target "$(target "$pair")" --at "$AT")
     nmt report "${runs[@]}" "${options[@]}" --plot "$dir/bleu-vs-time.png" --speed | tee "$dir/report.md"
     nmt report "${runs[@]}" "${options[@]}" --format csv > "$dir/report.csv"
     echo "report ($pair): $dir/report.md, $dir/report.csv, $dir/bleu-vs-time.png" >&2
