@@ -292,6 +292,13 @@ def _search_config(cfg, beam, n_best, length_penalty, coverage_penalty, max_sent
     return search
 
 
+# Default 1: two workers hold two batches' decoder states, and whether they are faster than one
+# batch on all the cores depends on the model's size and the CPU (bench/decode_workers.py).
+WORKERS_HELP = ("Batches decoded at once, each on cores/N intra-op threads; the output is the same for "
+                "any N. On a small model 2 workers of 1 thread can beat 1 of 2: measure with "
+                "bench/decode_workers.py.")
+
+
 def _progress(total: Optional[int], enabled: bool):
     return tqdm(total=total, disable=not enabled, file=sys.stderr, unit="sent", dynamic_ncols=True)
 
@@ -329,6 +336,12 @@ def translate(
     batch_size: Annotated[Optional[int], typer.Option(help="Most sentences per batch.")] = None,
     int8: Annotated[Optional[bool], typer.Option(
         "--int8/--no-int8", help="Decode with an int8 copy of the model, CPU only (default: the recipe's).")] = None,
+    shortlist: Annotated[Optional[str], typer.Option(
+        help="FIRST,BEST: the output layer over a vocabulary shortlist (RUN/shortlist.npz, from nmt shortlist "
+             "RUN): each sentence may produce its FIRST most frequent target pieces and the BEST translations of "
+             "each of its source pieces; none: the whole vocabulary (default: the recipe's search.shortlist). "
+             "With --engine ctranslate2: the export's vocabulary map (nmt export --shortlist), which restricts "
+             "a batch to the union of its sentences' lists, so the output can depend on the batch.")] = None,
     on_bad_line: Annotated[str, typer.Option(
         help="A line that is not UTF-8: error (stop), replace (bad bytes by U+FFFD) or skip-empty "
              "(an empty line out); the last two warn with the line number.")] = "error",
@@ -338,6 +351,8 @@ def translate(
     chunk_lines: Annotated[int, typer.Option(
         help="Most lines read and translated at a time (the first chunk at most 16, doubling up to this); "
              "memory grows with it, not with the input.")] = 2000,
+    workers: Annotated[int, typer.Option(
+        help=WORKERS_HELP + " With --engine ctranslate2: CTranslate2's inter_threads.")] = 1,
 ):
     """Translate lines from stdin (or --input) to stdout: N lines in, N lines out, in order.
 
@@ -350,7 +365,7 @@ def translate(
     from nmt.translate import read_chunks, translate_stream
     from nmt.translate import translate as run_translate
 
-    _check_counts(beam=beam, n_best=n_best, batch_size=batch_size, chunk_lines=chunk_lines)
+    _check_counts(beam=beam, n_best=n_best, batch_size=batch_size, chunk_lines=chunk_lines, workers=workers)
     if on_bad_line not in ON_BAD_LINE:
         raise NmtError(f"--on-bad-line {on_bad_line}: choose one of {', '.join(ON_BAD_LINE)}")
     if engine not in ("nmt", "ctranslate2"):
@@ -362,15 +377,15 @@ def translate(
             raise NmtError("--engine ctranslate2 decodes one exported model; give one --model")
         if sampling not in (None, "none") or alignment:
             raise NmtError("--sampling and --alignment need --engine nmt (the default)")
-        exported = ExportedModel(model[0])
+        exported = ExportedModel(model[0], workers=workers)
         search = _search_config(exported, beam, n_best, length_penalty, coverage_penalty, batch_size,
-                                stop=stop, min_len=min_len)
+                                stop=stop, min_len=min_len, shortlist=shortlist)
         decode = exported.translate
     else:
-        cfg, tokenizer, net = load_ensemble(model, checkpoint, pick_device(), int8)
+        cfg, tokenizer, net = load_ensemble(model, checkpoint, pick_device(), int8, shortlist)
         search = _search_config(cfg, beam, n_best, length_penalty, coverage_penalty, batch_size,
                                 stop=stop, min_len=min_len, sampling=sampling, temperature=temperature, seed=seed)
-        decode = functools.partial(run_translate, net, tokenizer, keep_attention=alignment)
+        decode = functools.partial(run_translate, net, tokenizer, keep_attention=alignment, workers=workers)
     stream, name = _open_input(input)
     try:
         out = sys.stdout if output is None else open(output, "w", encoding="utf-8")
@@ -424,22 +439,24 @@ def score(
 # --- eval -----------------------------------------------------------------------------------
 
 def _evaluate_model(run_dir: list[Path], src: Path, ref: Path, checkpoint: str, beam: Optional[int],
-                    int8: Optional[bool] = None, stop: Optional[str] = None) -> dict:
+                    int8: Optional[bool] = None, stop: Optional[str] = None, shortlist: Optional[str] = None,
+                    workers: int = 1) -> dict:
     from nmt.evaluate import evaluate_run
     from nmt.hardware import pick_device
 
-    return evaluate_run(run_dir, src, ref, checkpoint, beam, pick_device(), int8, stop)
+    return evaluate_run(run_dir, src, ref, checkpoint, beam, pick_device(), int8, stop, shortlist, workers=workers)
 
 
 def _sweep(run_dir: Path, items: list[str], src: Optional[Path], ref: Optional[Path], checkpoint: str,
-           int8: Optional[bool], save: bool, **fixed) -> None:
+           int8: Optional[bool], save: bool, workers: int = 1, **fixed) -> None:
     from nmt.evaluate import parse_sweep, sweep_run, sweep_table
     from nmt.hardware import pick_device
     from nmt.rundir import SEARCH_FILE
 
     _check_counts(beam=fixed.get("beam"))
     fixed = {k: v for k, v in fixed.items() if v is not None}
-    rows = sweep_run(run_dir, parse_sweep(items), src, ref, checkpoint, pick_device(), fixed, save, int8)
+    rows = sweep_run(run_dir, parse_sweep(items), src, ref, checkpoint, pick_device(), fixed, save, int8,
+                     workers=workers)
     typer.echo(sweep_table(rows))
     best = max(rows, key=lambda r: r.bleu)
     setting = " ".join(f"{k}={v}" for k, v in best.setting.items())
@@ -470,10 +487,14 @@ def eval_(
         "--int8/--no-int8", help="With --model: decode with an int8 copy, CPU only (default: the recipe's).")] = None,
     stop: Annotated[Optional[str], typer.Option(
         help="With --model: beam search stopping rule, standard or exact.")] = None,
+    shortlist: Annotated[Optional[str], typer.Option(
+        help="With --model: FIRST,BEST decodes over the run's vocabulary shortlist (see nmt translate "
+             "--shortlist), none over the whole vocabulary (default: the recipe's search.shortlist).")] = None,
     sweep: Annotated[Optional[list[str]], typer.Option(
         help="With --model: translate once per setting and print BLEU and BP of each, e.g. --sweep "
              "length_penalty=0.6,1.0,1.4 (repeat for a grid); --src/--ref default to the valid split.")] = None,
     save: Annotated[bool, typer.Option(help="With --sweep: write the best setting to RUN/search.yaml.")] = False,
+    workers: Annotated[int, typer.Option(help="With --model: " + WORKERS_HELP)] = 1,
 ):
     """Score translations with sacreBLEU, or translate and score in one go with --model."""
     from nmt.data import read_lines
@@ -485,19 +506,20 @@ def eval_(
                        "applies (score its eval/*.hyp with --hyp, --ref and --tokenize for another)")
     if tokenize is not None:
         check_tokenize(tokenize, "--tokenize")
+    _check_counts(workers=workers)
     if sweep or save:
         if model is None or not sweep:
             raise NmtError("--sweep needs --model (the run to tune) and --save needs --sweep")
         if len(model) > 1:
             raise NmtError("--sweep tunes one run; give one --model")
-        _sweep(model[0], sweep, src, ref, checkpoint, int8, save, beam=beam, stop=stop)
+        _sweep(model[0], sweep, src, ref, checkpoint, int8, save, workers, beam=beam, stop=stop, shortlist=shortlist)
         return
     if ref is None:
         raise NmtError("--ref is required: the reference translations")
     if model is not None:
         if src is None:
             raise NmtError("--model needs --src, the source text to translate")
-        result = _evaluate_model(model, src, ref, checkpoint, beam, int8, stop)
+        result = _evaluate_model(model, src, ref, checkpoint, beam, int8, stop, shortlist, workers)
         typer.echo(result["BLEU"]["line"])
         typer.echo(result["chrF2"]["line"])
         typer.echo(f"decoded {result['sentences']} sentences in {result['decode_seconds']:.1f} s "
@@ -664,6 +686,23 @@ def average(
     typer.echo(f"{averaged}: mean of {', '.join(p.name for p in paths)}")
 
 
+# --- shortlist ------------------------------------------------------------------------------
+
+@app.command()
+@user_errors
+def shortlist(
+    run: Annotated[Path, typer.Argument(help="Run directory written by nmt train.")],
+    first: Annotated[int, typer.Option(help="Most frequent target pieces kept (every list holds them).")] = 1000,
+    best: Annotated[int, typer.Option(help="Most translations kept per source piece, best first.")] = 100,
+    prune: Annotated[float, typer.Option(help="Smallest p(t|s) of a translation kept.")] = 0.001,
+):
+    """Build RUN/shortlist.npz: p(target piece | source piece) by IBM Model 1 on the run's prepared
+    training data, for decoding with --shortlist FIRST,BEST (nmt translate, nmt eval, search.shortlist)."""
+    from nmt.shortlist import build
+
+    typer.echo(build(run, first, best, prune).describe())
+
+
 # --- export ---------------------------------------------------------------------------------
 
 @app.command()
@@ -676,6 +715,11 @@ def export(
     quantization: Annotated[Optional[str], typer.Option(
         help="Store the weights as int8, int8_float32, int16, float16, bfloat16... (default: float32).")] = None,
     force: Annotated[bool, typer.Option(help="Replace an earlier export in OUT.")] = False,
+    shortlist: Annotated[bool, typer.Option(
+        "--shortlist", help="Add RUN/shortlist.npz as CTranslate2's vocabulary map (vmap.txt), at the run's "
+        "search.shortlist sizes or else all the table holds; the export then decodes with it by default. "
+        "CTranslate2 restricts a batch to the union of its sentences' lists, so its output can depend "
+        "on the batch.")] = False,
 ):
     """Export a trained Transformer for CTranslate2, with its spm.model and search settings.
 
@@ -685,7 +729,7 @@ def export(
 
     if to != "ctranslate2":
         raise NmtError(f"--to {to}: nmt exports to ctranslate2 only")
-    settings = export_ctranslate2(run, out, checkpoint, quantization, force)
+    settings = export_ctranslate2(run, out, checkpoint, quantization, force, shortlist)
     typer.echo(f"{out}: CTranslate2 model ({settings['quantization']}) of {settings['checkpoint']}")
     for key, value in settings["left_out"].items():
         typer.echo(f"{out}: search.{key} {value} left out (CTranslate2 has none; decoding without it); its cost "

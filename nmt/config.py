@@ -166,11 +166,17 @@ class SearchConfig:
     sampling: str = "none"
     temperature: float = 1.0  # log-probs are divided by it before sampling
     seed: int = 0  # with the input line number, fixes every draw (any batch size gives the same)
+    # A vocabulary shortlist when a run is loaded to translate (nmt translate, nmt eval --model):
+    # "FIRST,BEST", each sentence's output layer over the FIRST most frequent target pieces
+    # and the BEST translations of each of its source pieces (RUN/shortlist.npz, built by
+    # `nmt shortlist RUN`); "" (or "none"): the whole vocabulary. Not used in training's validation.
+    shortlist: str = ""
 
     def __post_init__(self) -> None:
         # Checked here, not in _validate, so that settings from the command line and from
         # a run's search.yaml (dataclasses.replace) are checked too.
         self.sampling_rule()
+        self.shortlist_sizes()
         if not self.temperature > 0:
             raise NmtError(f"search.temperature (--temperature) {self.temperature}: must be above 0 "
                            "(1 samples from the model's distribution, below 1 sharpens it)")
@@ -181,6 +187,20 @@ class SearchConfig:
         if self.coverage_penalty < 0:
             raise NmtError(f"search.coverage_penalty must be 0 or more (a negative beta rewards "
                            f"leaving the source untranslated), got {self.coverage_penalty}")
+
+    def shortlist_sizes(self) -> tuple[int, int] | None:
+        """``shortlist`` parsed: None (the whole vocabulary) or (FIRST, BEST)."""
+        if self.shortlist in ("", "none"):
+            return None
+        where = f"search.shortlist (--shortlist) {self.shortlist!r}"
+        try:
+            first, best = (int(v) for v in self.shortlist.split(","))
+        except ValueError:
+            raise NmtError(f"{where}: give FIRST,BEST, two whole numbers as in 100,100 (or none)") from None
+        if first < 1 or best < 1:
+            raise NmtError(f"{where}: FIRST and BEST must be at least 1 (the most frequent target pieces, "
+                           "the translations kept per source piece)")
+        return first, best
 
     def sampling_rule(self) -> tuple[str, float] | None:
         """``sampling`` parsed: None (search), ("topk", K) or ("topp", P)."""

@@ -11,6 +11,11 @@ GNMT); they must share the vocabulary, i.e. the SentencePiece model, which ``loa
 checks. The ensemble's memory and decoder state hold one part per member, and ``select``
 hands the rows (and the sentences that stay) on to every part. When the search asks for
 attention it gets the mean over the members that give one (None when none does).
+
+With a vocabulary shortlist (nmt/shortlist.py) every member is shortlisted on its own: each
+computes the same columns and per-sentence lists from the same source, so the members'
+restricted log-probs cover the same columns and are averaged as they are, and the
+ensemble's memory hands on the first member's ``columns``.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ def log_mean_exp(log_probs: Sequence[torch.Tensor]) -> torch.Tensor:
 class EnsembleMemory:
     parts: list[Memory]  # one per member
     mask: torch.Tensor  # (B, S) True at real source tokens (the same for every member)
+    columns: torch.Tensor | None = None  # (V',) the members' log-prob columns (the same for every member)
 
 
 @dataclass
@@ -75,7 +81,7 @@ class Ensemble(Seq2Seq):
 
     def encode(self, src: torch.Tensor, src_lens: torch.Tensor) -> EnsembleMemory:
         parts = [m.encode(src, src_lens) for m in self.members]
-        return EnsembleMemory(parts, parts[0].mask)
+        return EnsembleMemory(parts, parts[0].mask, parts[0].columns)
 
     def init_state(self, memory: EnsembleMemory, beam: int = 1) -> EnsembleState:
         return EnsembleState(tuple(m.init_state(part, beam) for m, part in zip(self.members, memory.parts)))
@@ -93,20 +99,23 @@ class Ensemble(Seq2Seq):
 
 
 def load_ensemble(run_dirs: Sequence[Path], which: str = "best", device: str | torch.device = "cpu",
-                  int8: bool | None = None):
+                  int8: bool | None = None, shortlist: str | None = None):
     """(config, tokenizer, model) of one run (``load_run``'s) or of an ensemble of several.
 
     The config, and so the search settings (``search.yaml`` included), are the first run's;
     ``int8`` resolves as for the first run and then holds for every member. ``which`` (best,
-    last, averaged) names the checkpoint of each run.
+    last, averaged) names the checkpoint of each run. ``shortlist`` ("FIRST,BEST", or "none")
+    overrides the config's ``search.shortlist``; where one is set, every member decodes over
+    the first run's shortlist table (``nmt.shortlist``; the members share its tokenizer), and
+    the returned ``cfg.search.shortlist`` says which.
     """
+    from dataclasses import replace
+
     from nmt.files import sha256
     from nmt.rundir import MODEL_FILE, NAMED_CHECKPOINTS, load_run
 
     runs = [Path(r) for r in run_dirs]
-    if len(runs) == 1:
-        return load_run(runs[0], which, device, int8)
-    if which not in NAMED_CHECKPOINTS:
+    if len(runs) > 1 and which not in NAMED_CHECKPOINTS:
         raise NmtError(f"--checkpoint {which}: a checkpoint file is one model; with several --model "
                        "give best, last or averaged (that checkpoint of each run)")
     first = runs[0] / MODEL_FILE
@@ -116,6 +125,13 @@ def load_ensemble(run_dirs: Sequence[Path], which: str = "best", device: str | t
             raise NmtError(f"{runs[0]} and {run} have different SentencePiece models ({MODEL_FILE}): an "
                            "ensemble's members must share one (train them with tokenizer.reuse=RUN)")
     cfg, tokenizer, model = load_run(runs[0], which, device, int8)
+    if shortlist is not None:
+        cfg.search = replace(cfg.search, shortlist=shortlist)
+    sizes = cfg.search.shortlist_sizes()
     members = [model] + [load_run(run, which, device, cfg.search.int8)[2] for run in runs[1:]]
-    return cfg, tokenizer, Ensemble(members).eval()
+    if sizes is not None:
+        from nmt.shortlist import Shortlisted, load_table
 
+        table = load_table(runs[0], sizes)
+        members = [Shortlisted(m, table, *sizes).eval() for m in members]
+    return cfg, tokenizer, members[0] if len(members) == 1 else Ensemble(members).eval()

@@ -25,12 +25,14 @@ from nmt.metrics import bleu, bleu_metric, chrf
 
 def evaluate_run(run_dir: Path | list[Path], src: Path, ref: Path, checkpoint: str = "best",
                  beam: int | None = None, device: str = "cpu", int8: bool | None = None,
-                 stop: str | None = None) -> dict:
+                 stop: str | None = None, shortlist: str | None = None, workers: int = 1) -> dict:
     """Translate ``src`` with a run's model, score against ``ref``, save both in ``run_dir/eval``.
 
     BLEU is tokenized as the run's ``data.bleu_tokenize`` says (an ensemble: the first run's).
 
     ``int8``: decode with the int8 model (None: the run's ``search.int8``), see ``load_run``.
+    ``shortlist``: "FIRST,BEST" or "none" (None: the run's ``search.shortlist``), see ``load_ensemble``.
+    ``workers``: batches decoded at once (``nmt.translate.in_parallel``); the output is the same.
     A list of runs decodes with their ensemble (``nmt.ensemble``), saved in the first run's
     ``eval`` under a name that lists the other runs.
     """
@@ -43,13 +45,13 @@ def evaluate_run(run_dir: Path | list[Path], src: Path, ref: Path, checkpoint: s
         raise NmtError(f"--beam {beam}: the beam size must be at least 1 (1 is greedy search)")
     runs = [Path(r) for r in run_dir] if isinstance(run_dir, list | tuple) else [Path(run_dir)]
     run_dir = runs[0]
-    cfg, tokenizer, net = load_ensemble(runs, checkpoint, device, int8)
+    cfg, tokenizer, net = load_ensemble(runs, checkpoint, device, int8, shortlist)
     used = fingerprint(rundir.checkpoint_path(run_dir, checkpoint))  # which weights, should best.pt change later
     search = dataclasses.replace(cfg.search, n_best=1, **{k: v for k, v in [("beam", beam), ("stop", stop)]
                                                          if v is not None})
     lines, refs = read_parallel(src, ref)
     start = time.perf_counter()
-    hyps = translate_text(net, tokenizer, lines, search)
+    hyps = translate_text(net, tokenizer, lines, search, workers)
     seconds = time.perf_counter() - start
     scores = [bleu(hyps, refs, "translations", str(ref), cfg.data.bleu_tokenize),
               chrf(hyps, refs, "translations", str(ref))]
@@ -59,6 +61,7 @@ def evaluate_run(run_dir: Path | list[Path], src: Path, ref: Path, checkpoint: s
                   beam=search.beam, int8=cfg.search.int8, sentences=len(lines), decode_seconds=seconds,
                   sentences_per_s=len(lines) / max(seconds, 1e-9))
     result["search"] = dataclasses.asdict(search)  # the settings used, search.yaml included
+    result["workers"] = workers  # decode_seconds depends on it
     if len(runs) > 1:
         result["ensemble"] = [{"run": str(r), **fingerprint(rundir.checkpoint_path(r, checkpoint))} for r in runs]
     out_dir = Path(run_dir) / rundir.EVAL_DIR
@@ -66,6 +69,8 @@ def evaluate_run(run_dir: Path | list[Path], src: Path, ref: Path, checkpoint: s
     tag = checkpoint if checkpoint in rundir.NAMED_CHECKPOINTS else "ckpt"
     stem = f"{Path(src).name}.{tag}.beam{search.beam}{'.int8' if cfg.search.int8 else ''}"
     stem += ".exact" if search.stop == "exact" else ""
+    sizes = search.shortlist_sizes()
+    stem += f".shortlist{sizes[0]}-{sizes[1]}" if sizes else ""
     stem += "".join(f"+{r.name}" for r in runs[1:])
     hyp_path = out_dir / f"{stem}.hyp"
     hyp_path.write_text("".join(f"{h}\n" for h in hyps), encoding="utf-8")
@@ -118,20 +123,22 @@ class SweepRow:
 
 def sweep_run(run_dir: Path, grid: dict[str, list[Any]], src: Path | None = None, ref: Path | None = None,
               checkpoint: str = "best", device: str = "cpu", fixed: dict[str, Any] | None = None,
-              save: bool = False, int8: bool | None = None) -> list[SweepRow]:
+              save: bool = False, int8: bool | None = None, workers: int = 1) -> list[SweepRow]:
     """Translate ``src`` once per combination of ``grid`` values and score each against ``ref``.
 
     ``src``/``ref`` default to the run's valid split; ``fixed`` search keys (say, a beam
     given on the command line) hold for every setting. The encoder output of each batch is
-    computed once and searched under every setting. With ``save``, the best setting (highest
-    BLEU, the first among equals) and ``fixed`` go into ``run_dir/search.yaml``, which
-    ``load_run`` applies from then on.
+    computed once and searched under every setting; ``workers`` batches at a time. With
+    ``save``, the best setting (highest BLEU, the first among equals) and ``fixed`` go into
+    ``run_dir/search.yaml``, which ``load_run`` applies from then on.
     """
     from nmt import config
     from nmt.data import read_parallel
+    from nmt.ensemble import load_ensemble
     from nmt.translate import translate_each
 
-    cfg, tokenizer, net = rundir.load_run(run_dir, checkpoint, device, int8)
+    # A shortlist among the fixed keys is how the model decodes: it is applied as the model is loaded.
+    cfg, tokenizer, net = load_ensemble([run_dir], checkpoint, device, int8, (fixed or {}).get("shortlist"))
     if src is None or ref is None:
         valid_src, valid_ref = config.split_paths(cfg.data, "valid")
         src, ref = src or valid_src, ref or valid_ref
@@ -147,7 +154,8 @@ def sweep_run(run_dir: Path, grid: dict[str, list[Any]], src: Path | None = None
     lines, refs = read_parallel(src, ref)
     metric = bleu_metric(cfg.data.bleu_tokenize)  # as the run's validation scored
     rows = []
-    for setting, decoding in zip(settings, translate_each(net, tokenizer, lines, cfgs, source_name=str(src))):
+    decodings = translate_each(net, tokenizer, lines, cfgs, source_name=str(src), workers=workers)
+    for setting, decoding in zip(settings, decodings):
         result = metric.corpus_score([t.texts[0] for t in decoding.translations], [refs])
         rows.append(SweepRow(setting, result.score, result.bp, result.sys_len / max(result.ref_len, 1),
                              decoding.seconds))

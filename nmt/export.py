@@ -26,7 +26,12 @@ What the conversion has to get right, since CTranslate2 has its own conventions:
   (``nmt.search.max_lengths``) are cut there and scored again with EOS at the cut, which is
   what nmt's search does at the limit (see ``ExportedModel._candidates``);
 - when more than ``beam`` hypotheses finish at the same step, CTranslate2 keeps ``beam`` of
-  them by its own ranking, nmt by its own: the tail of an n-best list can differ.
+  them by its own ranking, nmt by its own: the tail of an n-best list can differ;
+- a vocabulary shortlist (``--shortlist``, nmt/shortlist.py) becomes CTranslate2's vocabulary
+  map (``vmap.txt``, decoded with ``use_vmap``), at sizes fixed by the export. CTranslate2
+  restricts a batch to the union of its sentences' lists, where nmt masks each sentence to
+  its own list, so there its output can depend on the batch; the hypotheses cut at their
+  limit are scored again over the whole vocabulary.
 """
 
 from __future__ import annotations
@@ -48,12 +53,13 @@ from nmt.errors import NmtError
 from nmt.models.transformer import sinusoids
 from nmt.search import Hypothesis, length_penalty, max_lengths
 from nmt.tokenizer import MODEL_FILE, Tokenizer
-from nmt.translate import Translation, length_batches, source_ids
+from nmt.translate import Translation, in_parallel, length_batches, source_ids
 
 SETTINGS_FILE = "search.json"
 FORMAT = "nmt-ctranslate2"
 # Every file an export writes; --force replaces a directory that holds nothing else.
-EXPORT_FILES = {"model.bin", "config.json", "shared_vocabulary.json", MODEL_FILE, SETTINGS_FILE}
+VMAP_FILE = "vmap.txt"  # CTranslate2's vocabulary map, written with --shortlist
+EXPORT_FILES = {"model.bin", "config.json", "shared_vocabulary.json", MODEL_FILE, SETTINGS_FILE, VMAP_FILE}
 # nmt.tokenizer's special ids 0-3 as SentencePiece names them.
 PAD_PIECE, BOS_PIECE, EOS_PIECE = "<pad>", "<s>", "</s>"
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, which nmt's models use
@@ -162,8 +168,13 @@ def left_out(search: SearchConfig) -> dict[str, Any]:
 
 
 def export_ctranslate2(run_dir: Path, out_dir: Path, which: str = "best", quantization: str | None = None,
-                       force: bool = False) -> dict[str, Any]:
-    """Write a CTranslate2 model of a run's Transformer into ``out_dir``; returns search.json's content."""
+                       force: bool = False, shortlist: bool = False) -> dict[str, Any]:
+    """Write a CTranslate2 model of a run's Transformer into ``out_dir``; returns search.json's content.
+
+    ``shortlist``: add the run's shortlist table (``nmt shortlist RUN``) as the vocabulary map, at
+    the run's ``search.shortlist`` sizes or else all the table holds; search.json's
+    ``search.shortlist`` records the sizes, and the export decodes with the map by default.
+    """
     from nmt.rundir import checkpoint_path, load_run
 
     ctranslate2 = import_ctranslate2()
@@ -179,11 +190,18 @@ def export_ctranslate2(run_dir: Path, out_dir: Path, which: str = "best", quanti
     params = {name: t.detach().float().cpu() for name, t in model.state_dict().items()}
     pieces = [tokenizer.sp.IdToPiece(i) for i in range(len(tokenizer))]
     spec = transformer_spec(ctranslate2, cfg.model, params, pieces)
+    table = sizes = None
+    if shortlist:
+        from nmt.shortlist import load_table
+
+        table = load_table(run_dir, cfg.search.shortlist_sizes())
+        sizes = cfg.search.shortlist_sizes() or (table.first, table.best)
     settings = {"format": FORMAT, "version": 1, "run": str(Path(run_dir).resolve()),
                 "checkpoint": str(checkpoint_path(run_dir, which)), "quantization": quantization or "float32",
                 "max_positions": cfg.model.max_positions, "search": search_settings(cfg.search),
                 "left_out": left_out(cfg.search),
                 "src_lang": cfg.data.src_lang, "tgt_lang": cfg.data.tgt_lang}
+    settings["search"]["shortlist"] = "" if sizes is None else f"{sizes[0]},{sizes[1]}"
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
@@ -191,6 +209,10 @@ def export_ctranslate2(run_dir: Path, out_dir: Path, which: str = "best", quanti
         spec.optimize(quantization=quantization)
         spec.save(str(tmp))
         shutil.copyfile(tokenizer.path, tmp / MODEL_FILE)
+        if table is not None:
+            from nmt.shortlist import write_vmap
+
+            write_vmap(table, pieces, *sizes, tmp / VMAP_FILE)
         (tmp / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
         if out_dir.exists():
             shutil.rmtree(out_dir)  # checked above: empty, or only an earlier export's files
@@ -214,7 +236,10 @@ class ExportedModel:
     """A directory written by ``export_ctranslate2``, ready to translate."""
 
     def __init__(self, model_dir: Path, device: str | None = None, compute_type: str = "default",
-                 threads: int | None = None):
+                 threads: int | None = None, workers: int = 1):
+        """``threads``: the CPU threads in all (default: torch's); ``workers``: batches decoded
+        at once, CTranslate2's ``inter_threads``, each on ``threads // workers`` of them, as
+        ``nmt translate --workers`` means for nmt's engine."""
         ctranslate2 = import_ctranslate2()
         self.dir = Path(model_dir)
         settings_path = self.dir / SETTINGS_FILE
@@ -233,12 +258,16 @@ class ExportedModel:
         # Defaults for what the export does not store (batching), the export's settings over them.
         known = {f.name for f in fields(SearchConfig)}
         self.search = replace(SearchConfig(), **{k: v for k, v in stored.items() if k in known})
+        # The (FIRST, BEST) sizes its vocabulary map was written for; None: exported without one.
+        self.vmap = self.search.shortlist_sizes() if (self.dir / VMAP_FILE).is_file() else None
         self.tokenizer = Tokenizer(self.dir / MODEL_FILE)
         if device is None:
             device = "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
+        self.workers = workers
         try:
-            self.translator = ctranslate2.Translator(str(self.dir), device=device, compute_type=compute_type,
-                                                     intra_threads=threads or torch.get_num_threads())
+            self.translator = ctranslate2.Translator(
+                str(self.dir), device=device, compute_type=compute_type, inter_threads=workers,
+                intra_threads=max(1, (threads or torch.get_num_threads()) // workers))
         except (RuntimeError, ValueError) as e:
             raise NmtError(f"{self.dir}: CTranslate2 cannot load this model ({e}); export again") from None
 
@@ -266,7 +295,7 @@ class ExportedModel:
         p = 0.0 if greedy else (cfg.length_penalty * n / (n + 5) or 1e-6)
         options = {"beam_size": cfg.beam, "length_penalty": p, "return_scores": True, "max_input_length": 0,
                    "min_decoding_length": cfg.min_len, "disable_unk": True,
-                   "suppress_sequences": [[BOS_PIECE], [PAD_PIECE]]}
+                   "suppress_sequences": [[BOS_PIECE], [PAD_PIECE]], "use_vmap": cfg.shortlist_sizes() is not None}
         results = self.translator.translate_batch(src, num_hypotheses=cfg.beam,
                                                   max_decoding_length=max(max(limits) - 1, 1), **options)
         out = [self._read(r, limit, p) for r, limit in zip(results, limits)]
@@ -322,6 +351,20 @@ class ExportedModel:
             out.append(hyps[: cfg.n_best])
         return out
 
+    def _check_shortlist(self, cfg: SearchConfig) -> None:
+        """Refuse a shortlist the export's vocabulary map cannot give (its sizes are fixed at export)."""
+        sizes = cfg.shortlist_sizes()
+        if sizes is None or sizes == self.vmap:
+            return
+        if self.vmap is None:
+            raise NmtError(f"--shortlist {cfg.shortlist}: {self.dir} was exported without a shortlist (no "
+                           f"{VMAP_FILE}); export again with nmt export RUN --to ctranslate2 {self.dir} --shortlist "
+                           "--force, or translate with --shortlist none")
+        first, best = self.vmap
+        raise NmtError(f"--shortlist {cfg.shortlist}: {self.dir / VMAP_FILE} was written for {first},{best} at "
+                       f"export; pass --shortlist {first},{best} (or none), or export again with the run's "
+                       "search.shortlist set to the sizes wanted")
+
     def translate(self, lines: list[str], cfg: SearchConfig, on_batch: Callable[[int], None] | None = None,
                   source_name: str = "<stdin>", first_line: int = 0) -> list[Translation]:
         """As ``nmt.translate.translate``: one Translation per line, in input order.
@@ -334,11 +377,15 @@ class ExportedModel:
         if cfg.stop != "standard":
             raise NmtError(f"the ctranslate2 engine has only the standard stopping rule, not "
                            f"{cfg.stop!r}; use --engine nmt for it")
+        self._check_shortlist(cfg)
         ids = source_ids(self.tokenizer, lines, self.max_positions - 1, source_name, first_line)  # room for EOS
         results = [Translation(first_line + i, [""] * cfg.n_best, []) for i in range(len(lines))]
         order = sorted((i for i, seq in enumerate(ids) if seq), key=lambda i: (len(ids[i]), i))
-        for batch in length_batches([len(s) + 1 for s in ids], order, cfg.max_tokens, cfg.max_sentences):
-            for i, nbest in zip(batch, self.search_batch([ids[i] for i in batch], cfg)):
+        batches = list(length_batches([len(s) + 1 for s in ids], order, cfg.max_tokens, cfg.max_sentences))
+        # Batches handed over from several threads at once run on CTranslate2's inter_threads.
+        for batch, found in in_parallel(lambda b: self.search_batch([ids[i] for i in b], cfg), batches,
+                                        self.workers):
+            for i, nbest in zip(batch, found):
                 texts = self.tokenizer.decode([h.tokens for h in nbest])
                 texts += [""] * (cfg.n_best - len(texts))
                 results[i] = Translation(first_line + i, [t.replace("\n", " ") for t in texts], nbest)

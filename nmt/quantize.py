@@ -11,6 +11,10 @@ embedding lookup itself stays float32.
 The activations' scale is taken over the whole input tensor of a layer, that is over
 every sentence (and beam) of a batch, so an int8 translation can change slightly with
 what else is in its batch; float32 decoding does not depend on it.
+
+``OutputRows`` gives the output layer over some vocabulary rows only (a shortlist,
+nmt/shortlist.py), in float32 or int8: the int8 rows keep their own scales, so they give
+the logits the whole int8 projection gives at those rows.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import copy
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from nmt.errors import NmtError
@@ -58,3 +63,37 @@ def quantize_int8(model: Seq2Seq, device: str | torch.device = "cpu") -> Seq2Seq
         qconfig = {nn.Linear: per_channel_dynamic_qconfig, nn.LSTM: per_channel_dynamic_qconfig}
         quantize_dynamic(model, qconfig, dtype=torch.qint8, inplace=True)
     return model
+
+
+class OutputRows:
+    """A model's output layer over some vocabulary rows: ``OutputRows(model)(rows)`` is a function
+    of features (..., D) giving ``model.logits(features)[..., rows]``, computed over ``rows`` alone.
+
+    Float32: the rows of ``output_weight()``. int8 (``quantize_int8``'s copy, whose
+    ``output_projection`` is a dynamically quantized ``nn.Linear``): the int8 rows with their
+    per-row scales, packed for the int8 kernel, which then computes the same integer products
+    and the same activation scale (taken over the features alone) as the whole projection.
+    The int8 matrix is unpacked once, here; selecting and packing rows is per call, i.e. per
+    batch of a shortlist.
+    """
+
+    def __init__(self, model: Seq2Seq):
+        projection = getattr(model, "output_projection", None)
+        self.weight = model.output_weight() if projection is None else None  # (V, D) float32
+        if projection is not None:
+            weight = projection.weight()  # (V, D) int8, one scale per row
+            self.values = weight.int_repr()
+            self.scales, self.zero_points = weight.q_per_channel_scales(), weight.q_per_channel_zero_points()
+            # As the module's own forward: its format version 4 on quantizes activations to 7 bits.
+            self.reduce_range = projection.version is not None and projection.version >= 4
+
+    def __call__(self, rows: torch.Tensor):
+        if self.weight is not None:
+            weight = self.weight.index_select(0, rows)  # (R, D)
+            return lambda features: F.linear(features, weight)
+        picked = torch._make_per_channel_quantized_tensor(
+            self.values.index_select(0, rows), self.scales.index_select(0, rows),
+            self.zero_points.index_select(0, rows), 0)  # (R, D) int8
+        packed = torch.ops.quantized.linear_prepack(picked, None)
+        reduce_range = self.reduce_range
+        return lambda features: torch.ops.quantized.linear_dynamic(features, packed, reduce_range=reduce_range)

@@ -8,6 +8,11 @@ sentences stay only when some leave, and asks ``step`` for attention only when i
 (coverage penalty, ``keep_attention``). Its settings are a ``SearchConfig``
 (nmt/config.py), the one place that holds their defaults.
 
+A model whose log-probs cover only some vocabulary ids (a shortlist, nmt/shortlist.py) says
+so by the ``columns`` of its memory: the search then works on column indices throughout
+(the special ids keep their own columns, so the rules below hold as written) and maps the
+tokens it outputs to vocabulary ids once at the end; sampling draws by vocabulary id.
+
 Rules applied to every step's log-probs, in greedy and beam search alike (another decoder
 that must give nmt's output, e.g. an exported model, applies the same ones):
 
@@ -100,6 +105,12 @@ def _forbid(log_probs: torch.Tensor, step: int, min_len: int, never: torch.Tenso
     return eos
 
 
+def _vocabulary_ids(tokens: torch.Tensor, memory: Memory) -> torch.Tensor:
+    """``tokens`` (column indices of the model's log-probs) as vocabulary ids: the same tensor
+    unless the memory has ``columns`` (a shortlist)."""
+    return tokens if memory.columns is None else memory.columns[tokens]
+
+
 def _rows_until_eos(model: Seq2Seq, state, limits: torch.Tensor, cfg: SearchConfig, choose,
                     attention_width: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Decode one hypothesis per row, each row leaving the batch when it ends (greedy, sampling).
@@ -152,10 +163,11 @@ def greedy_search(model: Seq2Seq, src: torch.Tensor, src_lens: torch.Tensor, cfg
     and scores copied out once at the end.
     """
     limits = max_lengths(src_lens, cfg, model.max_positions)  # (n,)
-    state = model.init_state(model.encode(src, src_lens) if memory is None else memory, beam=1)
+    memory = model.encode(src, src_lens) if memory is None else memory
+    state = model.init_state(memory, beam=1)
     out, final, _ = _rows_until_eos(model, state, limits, cfg, lambda log_probs, alive, t: log_probs.argmax(-1))
     alpha = cfg.length_penalty
-    out_rows, finals = out.tolist(), final.tolist()
+    out_rows, finals = _vocabulary_ids(out, memory).tolist(), final.tolist()
     hyps = []
     for row, log_prob in zip(out_rows, finals):
         words = row[: row.index(EOS)]
@@ -353,6 +365,7 @@ def beam_search(model: Seq2Seq, src: torch.Tensor, src_lens: torch.Tensor, cfg: 
         if attn_history is not None:
             attn_history = attn_history.index_select(0, rows)
 
+    finished.tokens = _vocabulary_ids(finished.tokens, memory)  # PAD after the last word stays PAD
     return finished.hypotheses(cfg.n_best)
 
 
@@ -391,13 +404,16 @@ def _gumbel(keys: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return -(-u.log()).log()
 
 
-def _draw(log_probs: torch.Tensor, keys: torch.Tensor, rule: tuple[str, float], temperature: float) -> torch.Tensor:
+def _draw(log_probs: torch.Tensor, keys: torch.Tensor, rule: tuple[str, float], temperature: float,
+          columns: torch.Tensor | None = None) -> torch.Tensor:
     """(N,) tokens drawn from the (N, V) allowed log-probs (-inf: not allowed), one per key (N,).
 
     Gumbel-max over the tokens the rule keeps: each token's tempered log-prob plus noise
     hashed from (key, token id), the largest wins. That draws from the kept tokens'
     renormalized distribution, and a tiny change of the log-probs (another batch size
-    rounds differently) changes a draw only when two noisy scores are that close.
+    rounds differently) changes a draw only when two noisy scores are that close. With
+    ``columns`` (a shortlist's, see ``_vocabulary_ids``) the noise is hashed from the vocabulary
+    id, not from the column, whose index depends on the other sentences of the batch.
     """
     kind, value = rule
     scaled = log_probs / temperature
@@ -419,7 +435,8 @@ def _draw(log_probs: torch.Tensor, keys: torch.Tensor, rule: tuple[str, float], 
                 break
         # The smallest nucleus: a token is kept while the mass before it is below p.
         scaled = top.masked_fill(cdf - probs >= value, float("-inf"))
-    pick = (scaled + _gumbel(keys, tokens)).argmax(-1, keepdim=True)  # (N, 1)
+    ids = tokens if columns is None else columns[tokens]
+    pick = (scaled + _gumbel(keys, ids)).argmax(-1, keepdim=True)  # (N, 1)
     return tokens.gather(1, pick).squeeze(1)
 
 
@@ -450,11 +467,12 @@ def sample_search(model: Seq2Seq, src: torch.Tensor, src_lens: torch.Tensor, cfg
     state = model.init_state(memory, beam=1)
     keys = sample_keys(cfg.seed, lines, k, steps)  # (n * k, T)
     out, final, attention = _rows_until_eos(
-        model, state, limits, cfg, lambda log_probs, alive, t: _draw(log_probs, keys[alive, t], rule, cfg.temperature),
+        model, state, limits, cfg,
+        lambda log_probs, alive, t: _draw(log_probs, keys[alive, t], rule, cfg.temperature, memory.columns),
         src.size(1) if keep_attention else 0)
     alpha = cfg.length_penalty
     hyps: list[list[Hypothesis]] = [[] for _ in range(n)]
-    for r, (row, log_prob) in enumerate(zip(out.tolist(), final.tolist())):
+    for r, (row, log_prob) in enumerate(zip(_vocabulary_ids(out, memory).tolist(), final.tolist())):
         words = row[: row.index(EOS)]
         attn = None if attention is None else attention[r, : len(words) + 1]
         hyps[r // k].append(Hypothesis(words, log_prob / length_penalty(len(words) + 1, alpha), log_prob, attn))

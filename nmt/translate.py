@@ -5,7 +5,8 @@ than the model accepts is truncated (with a warning naming it), never dropped. L
 sorted by length so batches hold similar lengths, and every sentence's search is
 independent of the others in its batch, so the output does not depend on batch size.
 ``translate_each`` searches every batch under several settings after encoding it once
-(choosing search settings on a validation set).
+(choosing search settings on a validation set). With ``workers`` N, N batches are decoded
+at once (``in_parallel``), each on its share of the cores; the output is the same for any N.
 
 Input of any size streams through ``read_chunks`` and ``translate_stream``: a chunk of lines
 at a time (the first of at most 64, doubling up to a budget), sorted and batched within
@@ -23,18 +24,22 @@ import select
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, Protocol, TypeVar
 
 import torch
 
 from nmt.config import SearchConfig
 from nmt.data import decode_lines
+from nmt.errors import NmtError
 from nmt.models.base import Seq2Seq
 from nmt.search import Hypothesis, search
 from nmt.tokenizer import EOS, PAD, Tokenizer
 
 log = logging.getLogger("nmt")
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 @dataclass
@@ -80,6 +85,39 @@ def source_ids(tokenizer: Tokenizer, lines: list[str], limit: int, source_name: 
     return ids
 
 
+# --- parallel batches ------------------------------------------------------------------------
+
+def in_parallel(fn: Callable[[T], R], items: list[T], workers: int) -> Iterator[tuple[T, R]]:
+    """(item, fn(item)) for every item, as each is done, ``workers`` of them computed at once.
+
+    The workers are threads of this process, each on ``torch.get_num_threads() // workers``
+    intra-op threads (at least one) for the length of the call: on a small model two
+    batches decoded at once with one thread each keep the cores busier than one batch on
+    two threads, whose steps are too small to split well. Threads, not processes: PyTorch
+    releases the GIL inside its operators, which is most of a decoding step; the threads
+    share the model without a copy and hand back results without pickling; and a process
+    forked after OpenMP has run hangs at its first parallel region with more than one
+    intra-op thread (GNU OpenMP's thread pool does not survive a fork), which would hold
+    processes to one thread each. On an error the batches not yet started are dropped and
+    the error is raised once the running ones end.
+    """
+    if workers <= 1 or len(items) <= 1:
+        for item in items:
+            yield item, fn(item)
+        return
+    threads = torch.get_num_threads()
+    # The count is process-wide: each worker thread takes it up at its first operator.
+    torch.set_num_threads(max(1, threads // workers))
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="nmt-decode")
+    try:
+        futures = {pool.submit(fn, item): item for item in items}
+        for future in as_completed(futures):
+            yield futures[future], future.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(threads)
+
+
 WORD_START = "\u2581"  # SentencePiece's mark of a piece that follows a space
 
 
@@ -122,31 +160,36 @@ def _alignment_text(tokenizer: Tokenizer, src_ids: list[int], hyp: Hypothesis) -
 
 def translate(model: Seq2Seq, tokenizer: Tokenizer, lines: list[str], cfg: SearchConfig,
               on_batch: Callable[[int], None] | None = None, keep_attention: bool = False,
-              source_name: str = "<stdin>", first_line: int = 0) -> list[Translation]:
+              source_name: str = "<stdin>", first_line: int = 0, workers: int = 1) -> list[Translation]:
     """Translate ``lines``; ``on_batch(n)`` is told after each batch of n sentences.
 
     ``first_line``: how many lines of the input came before these (when it is read in
     chunks); ``Translation.line`` and warnings count from there, and sampling draws by it.
     ``keep_attention``: the hypotheses keep their attention, and ``Translation.alignments``
-    holds each one's word alignment.
+    holds each one's word alignment. ``workers``: batches decoded at once (see ``in_parallel``).
     """
     (decoding,) = translate_each(model, tokenizer, lines, [cfg], on_batch, keep_attention, source_name,
-                                 first_line)
+                                 first_line, workers)
     return decoding.translations
 
 
 def translate_each(model: Seq2Seq, tokenizer: Tokenizer, lines: list[str], cfgs: list[SearchConfig],
                    on_batch: Callable[[int], None] | None = None, keep_attention: bool = False,
-                   source_name: str = "<stdin>", first_line: int = 0) -> list[Decoding]:
+                   source_name: str = "<stdin>", first_line: int = 0, workers: int = 1) -> list[Decoding]:
     """Translate ``lines`` once under each of ``cfgs``, running the encoder once per batch.
 
     The configs must batch alike (``max_tokens``, ``max_sentences``); they may differ in
     anything the search alone uses (beam, penalties, length limits, stopping rule).
+    ``workers``: batches decoded at once, each on its share of the intra-op threads
+    (``in_parallel``); ``Decoding.seconds`` then sums the workers' search time.
     """
     first = cfgs[0]
     if any((c.max_tokens, c.max_sentences) != (first.max_tokens, first.max_sentences) for c in cfgs):
         raise ValueError("translate_each: the configs must have the same max_tokens and max_sentences")
     device = next(model.parameters()).device
+    if workers > 1 and device.type != "cpu":
+        raise NmtError(f"--workers {workers}: parallel batches are for decoding on the CPU; on {device.type} "
+                       "one batch at a time already fills the device (give --workers 1)")
     ids = source_ids(tokenizer, lines, model.max_positions - 1, source_name, first_line)  # room for EOS
     results: list[list[Translation | None]] = [[None] * len(lines) for _ in cfgs]
     todo = [i for i, seq in enumerate(ids) if seq]
@@ -156,27 +199,40 @@ def translate_each(model: Seq2Seq, tokenizer: Tokenizer, lines: list[str], cfgs:
     seconds = [0.0] * len(cfgs)
     lengths = [len(s) + 1 for s in ids]
     order = sorted(todo, key=lambda i: (lengths[i], i))
+
+    def decode_batch(batch: list[int]) -> list[tuple[list[Translation], float]]:
+        """Per config: the batch's translations and the seconds its search took."""
+        src = torch.full((len(batch), max(lengths[i] for i in batch)), PAD, dtype=torch.long)  # (B, S)
+        for row, i in enumerate(batch):
+            src[row, : lengths[i]] = torch.tensor(ids[i] + [EOS])
+        src, src_lens = src.to(device), torch.tensor([lengths[i] for i in batch]).to(device)
+        with torch.no_grad():
+            memory = model.encode(src, src_lens)
+        found = []
+        for cfg in cfgs:
+            start = time.perf_counter()
+            hyps = search(model, src, src_lens, cfg, keep_attention, memory,
+                          torch.tensor([first_line + i for i in batch]))
+            spent = time.perf_counter() - start
+            translations = []
+            for i, nbest in zip(batch, hyps):
+                texts = tokenizer.decode([h.tokens for h in nbest])
+                texts += [""] * (cfg.n_best - len(texts))
+                translations.append(Translation(i, [t.replace("\n", " ") for t in texts], nbest,
+                                                [_alignment_text(tokenizer, ids[i], h) for h in nbest]
+                                                if keep_attention else []))
+            found.append((translations, spent))
+        return found
+
     was_training = model.training
     model.eval()
     try:
-        for batch in length_batches(lengths, order, first.max_tokens, first.max_sentences):
-            src = torch.full((len(batch), max(lengths[i] for i in batch)), PAD, dtype=torch.long)
-            for row, i in enumerate(batch):
-                src[row, : lengths[i]] = torch.tensor(ids[i] + [EOS])
-            src, src_lens = src.to(device), torch.tensor([lengths[i] for i in batch]).to(device)
-            with torch.no_grad():
-                memory = model.encode(src, src_lens)
-            for c, (out, cfg) in enumerate(zip(results, cfgs)):
-                start = time.perf_counter()
-                hyps = search(model, src, src_lens, cfg, keep_attention, memory,
-                              torch.tensor([first_line + i for i in batch]))
-                seconds[c] += time.perf_counter() - start
-                for i, nbest in zip(batch, hyps):
-                    texts = tokenizer.decode([h.tokens for h in nbest])
-                    texts += [""] * (cfg.n_best - len(texts))
-                    out[i] = Translation(i, [t.replace("\n", " ") for t in texts], nbest,
-                                         [_alignment_text(tokenizer, ids[i], h) for h in nbest]
-                                         if keep_attention else [])
+        batches = list(length_batches(lengths, order, first.max_tokens, first.max_sentences))
+        for batch, found in in_parallel(decode_batch, batches, workers):
+            for c, (out, (translations, spent)) in enumerate(zip(results, found)):
+                seconds[c] += spent
+                for t in translations:
+                    out[t.line] = t
             if on_batch:
                 on_batch(len(batch))
     finally:
@@ -188,9 +244,9 @@ def translate_each(model: Seq2Seq, tokenizer: Tokenizer, lines: list[str], cfgs:
 
 
 def translate_text(model: Seq2Seq, tokenizer: Tokenizer, lines: list[str],
-                   cfg: SearchConfig) -> list[str]:
+                   cfg: SearchConfig, workers: int = 1) -> list[str]:
     """The best translation of each line."""
-    return [t.texts[0] for t in translate(model, tokenizer, lines, cfg)]
+    return [t.texts[0] for t in translate(model, tokenizer, lines, cfg, workers=workers)]
 
 
 # --- streaming: input of any size, a chunk at a time ---------------------------------------

@@ -6,8 +6,10 @@
     forward(src, src_lens, tgt_in) = logits(features(...))          (B, T, V) logits
     encode(src, src_lens) -> Memory                                 encoder output + padding mask
     init_state(memory, beam=1) -> DecoderState                      empty decoder state, beam rows per sentence
+    step_features(tokens, state, need_attention=False)
+        -> ((N, D) features, DecoderState)                          one more target token per row, before logits
     step(tokens, state, need_attention=False)
-        -> ((N, V) log-probs, DecoderState)                         one more target token per row
+        -> ((N, V) log-probs, DecoderState)                         = log_softmax(logits(step_features(...)))
 
 Training asks for ``features`` and ``output_weight`` and applies the output layer itself,
 fused with the loss, to a chunk of target positions at a time (nmt/loss.py), so the
@@ -42,6 +44,18 @@ attention over the source, (N, S), zero on padding (a model with no attention gi
 Without it ``attention`` is None and the model need not compute weights at all, so it can
 use fused attention kernels that never form them.
 
+``step_features`` is ``step`` short of the output layer: a wrapper that computes the output
+layer otherwise (over a vocabulary shortlist, nmt/shortlist.py) runs the decoder through it,
+and the models' ``step`` is the base class's, ``log_softmax(logits(step_features(...)))``,
+so both paths run the same decoder code and nothing is computed twice.
+
+Columns. A model's log-probs may cover only some vocabulary ids: then its ``encode`` returns a
+memory whose ``columns`` (V',) holds the vocabulary id of each column of ``step``'s (N, V')
+log-probs, ascending, with the special ids PAD, UNK, BOS and EOS (0-3) at their own positions
+(so rules on those columns hold as they are). The tokens fed to ``step`` are then column
+indices, and the search maps the tokens it outputs back through ``columns`` once at the end.
+``columns`` is None (the default) when the columns are the vocabulary.
+
 A state is a value: ``step`` and ``select`` return new states and never change what an
 earlier state answers (a model may share buffers between states, copying before it would
 overwrite one that an earlier state still reads).
@@ -60,6 +74,7 @@ from torch import nn
 class Memory:
     states: torch.Tensor  # (B, S, D) encoder output
     mask: torch.Tensor  # (B, S) True at real source tokens
+    columns: torch.Tensor | None = None  # (V',) vocabulary id of each log-prob column; None: all of them
 
 
 class DecoderState(Protocol):
@@ -93,9 +108,16 @@ class Seq2Seq(nn.Module):
     def init_state(self, memory: Memory, beam: int = 1) -> DecoderState:
         raise NotImplementedError
 
+    def step_features(self, tokens: torch.Tensor, state: DecoderState,
+                      need_attention: bool = False) -> tuple[torch.Tensor, DecoderState]:
+        """(N, D) the decoder's output for the rows' next token, the input of ``logits``, and the new state."""
+        raise NotImplementedError
+
     def step(self, tokens: torch.Tensor, state: DecoderState,
              need_attention: bool = False) -> tuple[torch.Tensor, DecoderState]:
-        raise NotImplementedError
+        features, state = self.step_features(tokens, state, need_attention)
+        logits = self.logits(features)  # (N, V), a fresh tensor: normalized in place
+        return torch.log_softmax(logits, -1, out=logits), state
 
     @property
     def max_positions(self) -> int:

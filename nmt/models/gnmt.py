@@ -236,12 +236,10 @@ class GNMT(Seq2Seq):
         return GNMTState(self._zero_hidden(memory.states.size(0) * beam, memory.states),
                          self.attention.keys(memory.states), memory.states, memory.mask, beam)
 
-    def step(self, tokens: torch.Tensor, state: GNMTState,
-             need_attention: bool = False) -> tuple[torch.Tensor, GNMTState]:
+    def step_features(self, tokens: torch.Tensor, state: GNMTState,
+                      need_attention: bool = False) -> tuple[torch.Tensor, GNMTState]:
         out, hidden, weights = self._decode(tokens[:, None], state.hidden, state.keys, state.memory,
                                             state.mask, state.beam)
-        logits = self.logits(out[:, 0])  # (N, V), a fresh tensor: normalized in place
-        log_probs = torch.log_softmax(logits, -1, out=logits)
         # The additive attention forms its weights anyway; they are handed on only when asked.
         attention = weights[:, 0] if need_attention else None
-        return log_probs, GNMTState(hidden, state.keys, state.memory, state.mask, state.beam, attention)
+        return out[:, 0], GNMTState(hidden, state.keys, state.memory, state.mask, state.beam, attention)

@@ -188,7 +188,10 @@ class KVCache:
         """An empty cache of ``shape`` (L, 2, N, capacity, H, Dh), in a spare buffer if one
         is large enough (and on ``like``'s device and dtype), else in a new one."""
         while spare:
-            base = spare.pop()
+            try:
+                base = spare.pop()
+            except IndexError:  # another thread decoding with this model took the last one
+                break
             if (base.device, base.dtype) == (like.device, like.dtype) and base.shape[:2] == shape[:2] \
                     and base.shape[4:] == shape[4:] and base.size(2) >= shape[2] and base.size(3) >= shape[3]:
                 return KVCache(base[:, :, : shape[2], : shape[3]], spare, 0, base)
@@ -314,8 +317,8 @@ class Transformer(Seq2Seq):
             beam=beam,
         )
 
-    def step(self, tokens: torch.Tensor, state: TransformerState,
-             need_attention: bool = False) -> tuple[torch.Tensor, TransformerState]:
+    def step_features(self, tokens: torch.Tensor, state: TransformerState,
+                      need_attention: bool = False) -> tuple[torch.Tensor, TransformerState]:
         position = state.position
         cache = state.cache.for_position(position, self.max_positions + 1)
         x = self._embed(tokens[:, None], start=position)  # (N, 1, D)
@@ -325,8 +328,6 @@ class Transformer(Seq2Seq):
             x, weights = layer.step(x, cache.data[i], position, state.cross_kv[i], state.mask,
                                     need_attention and i == last)
         cache.length = position + 1
-        logits = self.logits(self.decoder_norm(x[:, 0]))  # (N, V), a fresh tensor: normalized in place
-        log_probs = torch.log_softmax(logits, -1, out=logits)
         attention = None if weights is None else weights.reshape(-1, weights.size(-1))  # (N, S)
-        return log_probs, TransformerState(cache, state.cross_kv, state.mask, state.beam, position + 1,
+        return self.decoder_norm(x[:, 0]), TransformerState(cache, state.cross_kv, state.mask, state.beam, position + 1,
                                            attention)
