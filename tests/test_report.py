@@ -62,17 +62,18 @@ def make_run(root: Path, name: str, kind: str = "transformer", finished: bool = 
 
 
 def add_eval(run: Path, split: str, bleu: float, checkpoint: str = "best", step: int | None = 300,
-             int8: bool = False, ref_sha256: str | None = None, age: int = 0) -> None:
+             int8: bool = False, ref_sha256: str | None = None, age: int = 0, shortlist: str = "") -> None:
     """An eval/*.json as nmt eval --model writes it, ``age`` seconds older than the newest."""
     data = run.parent / "data"
     src, ref = data / f"{split}.en", data / f"{split}.de"
     record = {"BLEU": {"score": bleu, "signature": "nrefs:1|tok:13a"}, "chrF2": {"score": 55.25, "signature": "x"},
               "src": str(src), "src_sha256": file_sha256(src), "ref": str(ref),
               "ref_sha256": ref_sha256 or file_sha256(ref), "checkpoint": checkpoint, "beam": 5,
-              "int8": int8, "sentences_per_s": 42.0}
+              "int8": int8, "sentences_per_s": 42.0, "search": {"shortlist": shortlist}}
     if step is not None:
         record["checkpoint_step"] = step
-    path = run / "eval" / f"{split}.en.{checkpoint}.beam5{'.int8' if int8 else ''}.json"
+    tags = (".int8" if int8 else "") + (f".shortlist{shortlist.replace(',', '-')}" if shortlist else "")
+    path = run / "eval" / f"{split}.en.{checkpoint}.beam5{tags}.json"
     path.write_text(json.dumps(record), encoding="utf-8")
     newest = max(p.stat().st_mtime for p in (run / "eval").glob("*.json"))
     os.utime(path, (newest + 1 - age, newest + 1 - age))
@@ -233,6 +234,7 @@ def test_test_bleu_is_the_recipe_test_split_with_the_best_checkpoint(tmp_path: P
     add_eval(run, "valid", 99.0)  # newer, but the valid split
     add_eval(run, "test2016", 88.0, checkpoint="last")  # newer, but not the best checkpoint
     add_eval(run, "test2016", 77.0, int8=True)  # newer, but int8 decoding
+    add_eval(run, "test2016", 66.0, shortlist="100,100")  # newer, but over a shortlist
     row = report.summarize(run)
     assert (row.test_bleu, row.test_source, row.test_checkpoint, row.test_note) == (30.5, "test2016.en",
                                                                                    "best step 300", "")

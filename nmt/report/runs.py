@@ -3,7 +3,7 @@ record them, and whether the runs of one table compare.
 
 The training and validation clocks come from ``log.jsonl`` (``nmt.runlog``); the test score is
 chosen among ``eval/*.json`` (``nmt eval --model`` results): the recipe's test split with the best
-checkpoint where there is one, else the closest, said so in ``test_note``.
+checkpoint where there is one (float32, full vocabulary), else the closest, said so in ``test_note``.
 """
 
 from __future__ import annotations
@@ -187,8 +187,11 @@ def _test_result(run: Path, cfg: dict, records: list[dict]) -> tuple[dict | None
         on_best = r.get("checkpoint") == "best" and (best is None or r.get("checkpoint_step") in (None, best))
         return on_test, on_best
 
+    def shortlist(r: dict) -> str:
+        return (r.get("search") or {}).get("shortlist") or ""
+
     _, chosen = max(evaluations, key=lambda item: (*fits(item[1]), not item[1].get("int8"),
-                                                   item[1].get("beam") == beam, item[0]))
+                                                   not shortlist(item[1]), item[1].get("beam") == beam, item[0]))
     on_test, on_best = fits(chosen)
     differences = []
     if not on_test:
@@ -202,6 +205,8 @@ def _test_result(run: Path, cfg: dict, records: list[dict]) -> tuple[dict | None
                            f"{f' at step {step}' if step is not None else ''}, not best.pt{now}")
     if chosen.get("int8"):
         differences.append("int8 decoding")
+    if shortlist(chosen):
+        differences.append(f"shortlist {shortlist(chosen)}")
     return chosen, "; ".join(differences)
 
 
