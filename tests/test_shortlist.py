@@ -333,3 +333,18 @@ def test_ctranslate2_export_with_a_vocabulary_map(listed_run: Path, tmp_path: Pa
     assert "50,20" in line
     result = run("translate", "--engine", "ctranslate2", "-m", str(out), "--shortlist", "50,20", input="one dog\n")
     assert result.exit_code == 0 and "Hund" in result.stdout
+
+
+def test_a_served_run_decodes_over_its_recipe_s_shortlist(listed_run: Path, tmp_path: Path) -> None:
+    pytest.importorskip("fastapi")
+    from nmt.serve.models import _nmt_model
+
+    served_run = tmp_path / "run"
+    shutil.copytree(listed_run, served_run)
+    (served_run / "search.yaml").write_text("shortlist: '20,5'\n", encoding="utf-8")
+    served = _nmt_model(0, served_run, "best", None)
+    assert "shortlist 20,5" in served.describe()
+    sources = [src for src, _ in make_pairs(6, seed=31)]
+    expected = run("translate", "-m", str(listed_run), "--shortlist", "20,5", input="".join(f"{s}\n" for s in sources))
+    texts = [t.texts[0] for t in served.decode(sources, served.search)]
+    assert texts == expected.stdout.splitlines()

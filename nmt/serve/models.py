@@ -49,15 +49,17 @@ class ServedModel:
     def describe(self) -> str:
         engine = "CTranslate2" if self.kind == "ctranslate2" else f"nmt {self.kind}{' int8' if self.int8 else ''}"
         return (f"{self.source}->{self.target} from {self.path} ({engine}, beam {self.search.beam}, "
-                f"length penalty {self.search.length_penalty}, coverage penalty {self.search.coverage_penalty})")
+                f"length penalty {self.search.length_penalty}, coverage penalty {self.search.coverage_penalty}"
+                f"{f', shortlist {self.search.shortlist}' if self.search.shortlist else ''})")
 
 
 def _nmt_model(i: int, run: Path, checkpoint: str, int8: bool | None) -> ServedModel:
+    from nmt.ensemble import load_ensemble
     from nmt.hardware import pick_device
-    from nmt.rundir import load_run
     from nmt.translate import translate
 
-    cfg, tokenizer, model = load_run(run, checkpoint, pick_device(), int8)
+    # One run, as load_run gives it, with the recipe's search.shortlist applied where it sets one.
+    cfg, tokenizer, model = load_ensemble([run], checkpoint, pick_device(), int8)
     search = dataclasses.replace(cfg.search, sampling="none")
     if cfg.search.sampling != "none":
         log.warning("%s: search.sampling %s is not served; the server searches (beam %d)",
