@@ -2,7 +2,7 @@
 
     python bench/decode_speed.py runs/multi30k-transformer [--src FILE] [--ref FILE]
         [--checkpoint best] [--beams 5 1] [--repeats 3] [--threads N] [--workers N] [--int8]
-        [--coverage-penalty X] [--stop standard exact]
+        [--coverage-penalty X] [--shortlist FIRST,BEST] [--stop standard exact]
         [--ctranslate2 [TYPE ...]] [--ct2-mkl 0 1] [--ct2-isa AVX512 AVX2 ...]
         [--ct2-layouts 2x1 1x2] [--ct2-batch N] [--ct2-batch-type examples|tokens]
 
@@ -38,6 +38,9 @@ lines are decoded by it at its best, to compare nmt with the fastest setting fou
   re-decoding at each sentence's own limit), in each compute type and layout (workers =
   inter_threads), with CTranslate2's default backend.
 
+With --shortlist FIRST,BEST nmt decodes over the run's shortlist table (``nmt shortlist RUN``)
+and the export carries the same table as CTranslate2's vocabulary map, decoded with use_vmap.
+
 Every row says which of the two it is; the last lines set nmt beside the fastest engine row.
 """
 
@@ -62,8 +65,8 @@ from common import count_flops, decoder_matmul_shapes, describe_machine, matmul_
 
 from nmt import config  # noqa: E402
 from nmt.data import read_lines  # noqa: E402
+from nmt.ensemble import load_ensemble  # noqa: E402
 from nmt.metrics import bleu  # noqa: E402
-from nmt.rundir import load_run  # noqa: E402
 from nmt.translate import translate  # noqa: E402
 
 CHILD = "--ct2-child"  # argv[1] of the process that times CTranslate2 under one backend setting
@@ -79,14 +82,15 @@ def main() -> None:
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg, tokenizer, model = load_run(args.run, args.checkpoint, int8=args.int8)
+    cfg, tokenizer, model = load_ensemble([args.run], args.checkpoint, int8=args.int8, shortlist=args.shortlist)
     src_path, ref_path = config.split_paths(cfg.data, "test")
     src_path, ref_path = args.src or src_path, args.ref or ref_path
     lines = read_lines(src_path)
     refs = read_lines(ref_path) if ref_path.exists() else None
     print(describe_machine())
     precision = "int8" if args.int8 else "float32"
-    print(f"model: {cfg.model.kind} from {args.run} ({args.checkpoint}, {precision}); "
+    shortlist = f", shortlist {cfg.search.shortlist}" if cfg.search.shortlist_sizes() else ""
+    print(f"model: {cfg.model.kind} from {args.run} ({args.checkpoint}, {precision}{shortlist}); "
           f"{len(lines)} sentences of {src_path}")
     if args.coverage_penalty is not None:
         cfg.search = dataclasses.replace(cfg.search, coverage_penalty=args.coverage_penalty)
@@ -111,6 +115,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=1, help="nmt: batches decoded at once (nmt translate --workers)")
     parser.add_argument("--int8", action="store_true", help="decode with the int8 copy of the model (CPU)")
     parser.add_argument("--coverage-penalty", type=float, help="nmt's coverage penalty (default: the run's)")
+    parser.add_argument("--shortlist", default="none", metavar="FIRST,BEST",
+                        help="decode over a vocabulary shortlist (nmt shortlist RUN first); CTranslate2 then "
+                             "decodes with the same table as its vocabulary map (use_vmap)")
     parser.add_argument("--stop", nargs="+", choices=["standard", "exact"],
                         help="beam search stopping rules to compare (default: the run's)")
     parser.add_argument("--ctranslate2", nargs="*", metavar="TYPE",
@@ -182,7 +189,7 @@ def matmul_line(model, tokenizer, cfg: config.Config, search: config.SearchConfi
     decoding's FLOPs and utilisation of the median of those rates."""
     sentences = min(search.max_sentences, len(lines))
     rows = sentences * search.beam
-    rates = matmul_rates_at(decoder_matmul_shapes(cfg.model, model.embed.num_embeddings, rows))
+    rates = matmul_rates_at(decoder_matmul_shapes(cfg.model, len(tokenizer), rows))
     text = (f"matmul GFLOP/s at a step's shapes ({rows} rows = {sentences} sentences x beam {search.beam}): "
             + " | ".join(f"{shape} {rate:,.0f}" for shape, rate in rates.items()))
     if int8:
@@ -220,7 +227,8 @@ def ctranslate2_rows(args: argparse.Namespace, search: config.SearchConfig, line
     cores = args.threads or torch.get_num_threads()
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "ct2"
-        export_ctranslate2(args.run, model_dir, args.checkpoint)
+        export_ctranslate2(args.run, model_dir, args.checkpoint,
+                           shortlist=search.shortlist if search.shortlist_sizes() else False)
         (Path(tmp) / "src.txt").write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
         spec = {"model": str(model_dir), "src": str(Path(tmp) / "src.txt"), "refs": refs, "tokenize": tokenize,
                 "search": dataclasses.asdict(dataclasses.replace(search, n_best=1, coverage_penalty=0.0,
@@ -318,7 +326,7 @@ def ctranslate2_child(spec_path: Path) -> None:
         for beam in spec["beams"]:
             cfg = dataclasses.replace(search, beam=beam)
             decode = wrapper_call(engine, lines, cfg) if spec["wrapper"] else engine_call(engine, lines, cfg, spec)
-            decode(64)  # warm-up: the first calls allocate
+            decode(min(64, len(lines)))  # warm-up: the first calls allocate
             seconds = []
             for _ in range(spec["repeats"]):
                 start = time.perf_counter()
@@ -349,7 +357,7 @@ def engine_call(engine, lines: list[str], cfg: config.SearchConfig, spec: dict):
     limit = int(max_lengths(torch.tensor([len(s) + 1 for s in ids]), cfg, engine.max_positions).max())
     options = {"beam_size": cfg.beam, "length_penalty": cfg.length_penalty, "max_decoding_length": max(limit - 1, 1),
                "min_decoding_length": cfg.min_len, "disable_unk": True, "max_input_length": 0,
-               "suppress_sequences": [[BOS_PIECE], [PAD_PIECE]],
+               "suppress_sequences": [[BOS_PIECE], [PAD_PIECE]], "use_vmap": cfg.shortlist_sizes() is not None,
                "max_batch_size": spec["batch"], "batch_type": spec["batch_type"]}
     pieces = [[tokenizer.sp.IdToPiece(i) for i in seq] + [EOS_PIECE] for seq in ids]
 

@@ -168,11 +168,11 @@ def left_out(search: SearchConfig) -> dict[str, Any]:
 
 
 def export_ctranslate2(run_dir: Path, out_dir: Path, which: str = "best", quantization: str | None = None,
-                       force: bool = False, shortlist: bool = False) -> dict[str, Any]:
+                       force: bool = False, shortlist: bool | str = False) -> dict[str, Any]:
     """Write a CTranslate2 model of a run's Transformer into ``out_dir``; returns search.json's content.
 
     ``shortlist``: add the run's shortlist table (``nmt shortlist RUN``) as the vocabulary map, at
-    the run's ``search.shortlist`` sizes or else all the table holds; search.json's
+    the run's ``search.shortlist`` sizes (or those of a "FIRST,BEST" string) or else all the table holds; search.json's
     ``search.shortlist`` records the sizes, and the export decodes with the map by default.
     """
     from nmt.rundir import checkpoint_path, load_run
@@ -194,8 +194,10 @@ def export_ctranslate2(run_dir: Path, out_dir: Path, which: str = "best", quanti
     if shortlist:
         from nmt.shortlist import load_table
 
-        table = load_table(run_dir, cfg.search.shortlist_sizes())
-        sizes = cfg.search.shortlist_sizes() or (table.first, table.best)
+        asked = (replace(cfg.search, shortlist=shortlist) if isinstance(shortlist, str)
+                 else cfg.search).shortlist_sizes()
+        table = load_table(run_dir, asked)
+        sizes = asked or (table.first, table.best)
     settings = {"format": FORMAT, "version": 1, "run": str(Path(run_dir).resolve()),
                 "checkpoint": str(checkpoint_path(run_dir, which)), "quantization": quantization or "float32",
                 "max_positions": cfg.model.max_positions, "search": search_settings(cfg.search),
