@@ -6,11 +6,11 @@
 Needs the run's table (``nmt shortlist RUN``). Translates the run's split (valid by
 default: choose the size there, report on test) with the whole vocabulary and then with
 each FIRST,BEST shortlist, at each beam size, and prints for each: BLEU, the median
-sentences/s of --repeats runs (model loading excluded, encoder included), the share of
-lines identical to the whole vocabulary's output, the mean number of output-layer columns
-per batch (the union of the batch's lists) and the time spent selecting and packing the
-output layer's rows per batch (with --int8, the int8 rows are packed anew for every batch),
-in ms and as a share of the decoding time. A size whose BLEU matches the whole
+sentences/s of --repeats rounds (every setting once per round; model loading excluded,
+encoder included), the share of lines identical to the whole vocabulary's output, the mean
+number of output-layer columns per batch (the union of the batch's lists) and the time spent
+selecting and packing the output layer's rows per batch (with --int8, the int8 rows are
+packed anew for every batch), in ms and as a share of the decoding time. A size whose BLEU matches the whole
 vocabulary's at a higher speed is the one to put in search.shortlist.
 """
 
@@ -86,30 +86,32 @@ def main() -> None:
           "\n|---|---|---|---|---|---|---|---|")
     for beam in args.beams:
         search = dataclasses.replace(cfg.search, beam=beam, n_best=1, shortlist="")
-        baseline = None
-        for sizes in [None, *args.sizes]:
-            timed = None
-            net = model
-            if sizes is not None:
-                net = Shortlisted(model, table, *sizes).eval()
-                timed = net.rows = Timed(net.rows)
-            speeds = []
-            for _ in range(args.repeats):
+        nets: list[tuple[tuple[int, int] | None, torch.nn.Module, Timed | None]] = [(None, model, None)]
+        for sizes in args.sizes:
+            net = Shortlisted(model, table, *sizes).eval()
+            net.rows = Timed(net.rows)
+            nets.append((sizes, net, net.rows))
+        # Round after round, every setting once per round, so that a slow spell of a shared
+        # machine falls on all of them rather than on one.
+        speeds: list[list[float]] = [[] for _ in nets]
+        hyps: list[list[str]] = [[] for _ in nets]
+        for _ in range(args.repeats):
+            for i, (_, net, _) in enumerate(nets):
                 start = time.perf_counter()
-                hyps = translate_text(net, tokenizer, lines, search)
-                speeds.append(len(lines) / (time.perf_counter() - start))
-            score = bleu(hyps, refs, "translations", str(ref), cfg.data.bleu_tokenize).score
-            speed = statistics.median(speeds)
-            if baseline is None:
-                baseline = (hyps, speed)
+                hyps[i] = translate_text(net, tokenizer, lines, search)
+                speeds[i].append(len(lines) / (time.perf_counter() - start))
+        base_speed = statistics.median(speeds[0])
+        for (sizes, _, timed), out, runs in zip(nets, hyps, speeds):
+            score = bleu(out, refs, "translations", str(ref), cfg.data.bleu_tokenize).score
+            speed = statistics.median(runs)
+            if sizes is None:
                 print(f"| {beam} | none | {score:.2f} | {speed:.1f} | 1.00 | 100% | {len(tokenizer)} | - |")
                 continue
-            same = sum(a == b for a, b in zip(hyps, baseline[0])) / len(lines)
+            same = sum(a == b for a, b in zip(out, hyps[0])) / len(lines)
             per_batch = timed.seconds / timed.calls * 1000
             share = timed.seconds / (args.repeats * len(lines) / speed) * 100  # of the whole decoding time
-            print(f"| {beam} | {sizes[0]},{sizes[1]} | {score:.2f} | {speed:.1f} | {speed / baseline[1]:.2f} | "
+            print(f"| {beam} | {sizes[0]},{sizes[1]} | {score:.2f} | {speed:.1f} | {speed / base_speed:.2f} | "
                   f"{same:.0%} | {timed.columns / timed.calls:.0f} | {per_batch:.2f} ({share:.1f}%) |")
-
 
 if __name__ == "__main__":
     main()
