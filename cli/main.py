@@ -292,11 +292,9 @@ def _search_config(cfg, beam, n_best, length_penalty, coverage_penalty, max_sent
     return search
 
 
-# Default 1: two workers hold two batches' decoder states, and whether they are faster than one
-# batch on all the cores depends on the model's size and the CPU (bench/decode_workers.py).
 WORKERS_HELP = ("Batches decoded at once, each on cores/N intra-op threads; the output is the same for "
-                "any N. On a small model 2 workers of 1 thread can beat 1 of 2: measure with "
-                "bench/decode_workers.py.")
+                "any N (default: 2 on a CPU with 2 cores or more, 1 on a GPU; see nmt.translate.default_workers, "
+                "and bench/decode_workers.py to measure).")
 
 
 def _progress(total: Optional[int], enabled: bool):
@@ -351,8 +349,8 @@ def translate(
     chunk_lines: Annotated[int, typer.Option(
         help="Most lines read and translated at a time (the first chunk at most 16, doubling up to this); "
              "memory grows with it, not with the input.")] = 2000,
-    workers: Annotated[int, typer.Option(
-        help=WORKERS_HELP + " With --engine ctranslate2: CTranslate2's inter_threads.")] = 1,
+    workers: Annotated[Optional[int], typer.Option(
+        help=WORKERS_HELP + " With --engine ctranslate2: CTranslate2's inter_threads.")] = None,
 ):
     """Translate lines from stdin (or --input) to stdout: N lines in, N lines out, in order.
 
@@ -362,10 +360,11 @@ def translate(
     from nmt.data import ON_BAD_LINE, InvalidUtf8
     from nmt.ensemble import load_ensemble
     from nmt.hardware import pick_device
-    from nmt.translate import read_chunks, translate_stream
+    from nmt.translate import default_workers, read_chunks, translate_stream
     from nmt.translate import translate as run_translate
 
     _check_counts(beam=beam, n_best=n_best, batch_size=batch_size, chunk_lines=chunk_lines, workers=workers)
+    workers = default_workers(pick_device()) if workers is None else workers
     if on_bad_line not in ON_BAD_LINE:
         raise NmtError(f"--on-bad-line {on_bad_line}: choose one of {', '.join(ON_BAD_LINE)}")
     if engine not in ("nmt", "ctranslate2"):
@@ -494,7 +493,7 @@ def eval_(
         help="With --model: translate once per setting and print BLEU and BP of each, e.g. --sweep "
              "length_penalty=0.6,1.0,1.4 (repeat for a grid); --src/--ref default to the valid split.")] = None,
     save: Annotated[bool, typer.Option(help="With --sweep: write the best setting to RUN/search.yaml.")] = False,
-    workers: Annotated[int, typer.Option(help="With --model: " + WORKERS_HELP)] = 1,
+    workers: Annotated[Optional[int], typer.Option(help="With --model: " + WORKERS_HELP)] = None,
 ):
     """Score translations with sacreBLEU, or translate and score in one go with --model."""
     from nmt.data import read_lines
@@ -507,6 +506,11 @@ def eval_(
     if tokenize is not None:
         check_tokenize(tokenize, "--tokenize")
     _check_counts(workers=workers)
+    if workers is None:
+        from nmt.hardware import pick_device
+        from nmt.translate import default_workers
+
+        workers = default_workers(pick_device())
     if sweep or save:
         if model is None or not sweep:
             raise NmtError("--sweep needs --model (the run to tune) and --save needs --sweep")
