@@ -40,17 +40,22 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` whole or not at all: a temp file beside it, synced, renamed
-    over it, the rename made durable. A reader never sees half a file, even after a crash."""
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` whole or not at all: a temp file beside it, synced, renamed over
+    it, the rename made durable. A reader never sees half a file, even after a crash."""
     path = Path(path)
     temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with temp.open("w", encoding="utf-8") as f:
-            f.write(text)
+        with temp.open("wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(temp, path)
     finally:
         temp.unlink(missing_ok=True)
     fsync_dir(path.parent)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """``write_bytes_atomic`` of ``text`` in UTF-8."""
+    write_bytes_atomic(path, text.encode("utf-8"))

@@ -43,7 +43,6 @@ union of its batch instead, with no per-sentence mask: its output can depend on 
 from __future__ import annotations
 
 import io
-import os
 import time
 import zipfile
 from collections.abc import Callable
@@ -55,7 +54,7 @@ import torch
 
 from nmt.corpus import PreparedCorpus, TokenArray
 from nmt.errors import NmtError
-from nmt.files import fsync_dir, sha256, write_text_atomic
+from nmt.files import sha256, write_bytes_atomic, write_text_atomic
 from nmt.models.base import DecoderState, Memory, Seq2Seq
 from nmt.quantize import OutputRows
 from nmt.tokenizer import EOS, MODEL_FILE, PAD, Tokenizer
@@ -259,23 +258,14 @@ def check_build_sizes(first: int, best: int, prune: float) -> None:
 # --- the file ----------------------------------------------------------------------------------
 
 def write_table(table: Table, path: Path) -> None:
-    """Write ``table`` to ``path`` whole or not at all (temp file, fsync, rename, as nmt.files)."""
+    """Write ``table`` to ``path`` whole or not at all (``nmt.files.write_bytes_atomic``)."""
     path = Path(path)
     buffer = io.BytesIO()
     np.savez(buffer, format=np.int64(FORMAT), frequent=table.frequent, offsets=table.offsets,
              targets=table.targets, probs=table.probs, spm_sha256=np.str_(table.spm_sha256),
              first=np.int64(table.first), best=np.int64(table.best), prune=np.float64(table.prune),
              pairs=np.int64(table.pairs), iterations=np.int64(table.iterations))
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with temp.open("wb") as f:
-            f.write(buffer.getvalue())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 _REBUILD = "build it again with nmt shortlist RUN"
