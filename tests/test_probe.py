@@ -287,6 +287,23 @@ def test_probes_of_two_machines_give_a_column_and_a_curve_each(run: Path, probe_
     assert result.exit_code == 1 and "both probes of tiny's shape on GPU A" in result.output
 
 
+def test_runs_of_two_machines_compare_on_the_projected_clock(run: Path, probe_file: Path, tmp_path: Path) -> None:
+    """Measured minutes of two CPUs do not compare, so the report refuses them; projected onto one probe they do."""
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(run, elsewhere)
+    lines = []
+    for r in runlog.read(elsewhere / rundir.LOG_FILE):
+        if r["event"] in ("start", "resume"):
+            r.update(cpu="Other CPU (64 cores)", cpu_kind="family 99 model 1, AVX2")
+        lines.append(json.dumps(r))
+    (elsewhere / rundir.LOG_FILE).write_text("\n".join(lines) + "\n")
+    refused = runner.invoke(app, ["report", str(run), str(elsewhere)])
+    assert refused.exit_code == 1 and "--time-from" in refused.output and "Other CPU (64 cores)" in refused.output
+    projected = runner.invoke(app, ["report", str(run), str(elsewhere), "--time-from", str(probe_file)])
+    assert projected.exit_code == 0, projected.output
+    assert "| tiny | transformer | 12 |" in projected.output and "| elsewhere | transformer | 12 |" in projected.output
+
+
 # --- bench/projection_check.py
 
 def projection_check():

@@ -143,6 +143,12 @@ def test_a_run_that_shared_its_machine_has_its_wall_clock_figures_marked(tmp_pat
     assert "more than 10% of the cores' time" in text and "more than 5% of the run's windows" in text
     flat = json.loads(report.render([shared, alone], "json"))
     assert [r["machine_use"] for r in flat] == ["shared", "alone"]
+    # A seed group with a member that shared the machine has its wall-clock means marked too.
+    loads = ((1, [0, 0.5, 0.5]), (2, [0, 0, 0]))
+    seeds = [with_load(make_run(tmp_path / "g", f"s{i}", seed=i), load) for i, load in loads]
+    grouped = runner.invoke(app, ["report", *map(str, seeds), "--group-seeds", "--target", "20", "--at", "10"])
+    assert grouped.exit_code == 0, grouped.output
+    assert "| 10.0 ± 0.0 † |" in grouped.stdout and "| 22.00 ± 0.00 † |" in grouped.stdout
 
 
 def test_bad_minutes_for_at_is_one_line(tmp_path: Path) -> None:
@@ -484,4 +490,7 @@ def test_compare_script_trains_every_pair_and_seed_and_reports_each_pair(tmp_pat
     reports = [c for c in calls if c.startswith("report ") and "--plot" in c]
     assert len(reports) == 2 and "--group-seeds --baseline transformer-seed1" in reports[1]
     assert f"{out}/en-cs/gnmt-seed2" in reports[1] and f"{out}/en-cs/bleu-vs-time.png" in reports[1]
+    # en-de's runs trained on two CPU kinds: its report projects them onto the probed machine.
+    assert "--time-from recipes/multi30k/results/probes/xeon-transformer-deep-enc.json" in reports[0]
+    assert "--time-from" not in reports[1]
     assert (out / "en-cs" / "report.md").exists() and (out / "en-de" / "report.csv").exists()

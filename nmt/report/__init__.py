@@ -51,8 +51,8 @@ def compare(runs: list[Path], target: float | None = None, at: list[float] = (),
     the first group), and each group's p-value is its first seed's.
     """
     rows = [summarize(run, target, at) for run in runs]
-    if not allow_mixed:
-        check_comparable(rows)
+    if not allow_mixed:  # with probes, runs of different machines share one clock: the projected one
+        check_comparable(rows, machines=not probes)
     projections = project(runs, list(probes), target, at) if probes else []
     groups = seed_groups(runs) if group_seeds else []
     if groups:

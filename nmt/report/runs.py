@@ -306,8 +306,8 @@ def model_kind(run: Path, cfg: dict | None = None) -> str:
     return (cfg or read_config(run))["model"]["kind"]
 
 
-def check_comparable(rows: list[RunSummary]) -> None:
-    """Refuse a table of runs with different tokenizers, test sets or CPUs, naming which differ."""
+def check_comparable(rows: list[RunSummary], machines: bool = True) -> None:
+    """Refuse a table of runs with different tokenizers, test sets or (``machines``) CPUs, naming which differ."""
     for attr, what in (("tokenizer_sha256", "SentencePiece models"), ("test_set", "test sets"),
                        ("bleu_tokenize", "BLEU tokenizations (data.bleu_tokenize)")):
         groups: dict[str, list[str]] = {}
@@ -319,23 +319,27 @@ def check_comparable(rows: list[RunSummary]) -> None:
             raise NmtError(f"these runs use different {what} ({listing}), so their numbers do not "
                            "compare; train with tokenizer.reuse / evaluate on the same files / score alike, or pass "
                            "--allow-mixed")
+    if not machines:
+        return
     for row in rows:
         if row.moved_to:
             raise NmtError(f"{row.run} started on {machine_of(row)} and was resumed on {row.moved_to}, so its "
-                           "training time mixes their speeds; report it alone, or pass --allow-mixed")
-    machines: dict[str, list[str]] = {}
+                           "training time mixes their speeds; report it alone, project it with --time-from, or "
+                           "pass --allow-mixed")
+    cpus: dict[str, list[str]] = {}
     for row in rows:
         if row.cpu:  # a run logged before nmt recorded its CPU compares, with a note
-            machines.setdefault(row.cpu, []).append(row.run)
+            cpus.setdefault(row.cpu, []).append(row.run)
     kinds: dict[str, list[str]] = {}
     for row in rows:
         if row.cpu_kind:  # one logged before nmt recorded the kind is matched on name and cores, with a note
             kinds.setdefault(machine_of(row), []).append(row.run)
-    for found in (machines, kinds):
+    for found in (cpus, kinds):
         if len(found) > 1:
             listing = "; ".join(f"{', '.join(names)} on {cpu}" for cpu, names in found.items())
             raise NmtError(f"these runs trained on different CPUs or GPUs ({listing}), so their training times "
-                           "do not compare; report them separately, or pass --allow-mixed")
+                           "do not compare; report them separately, project them onto one machine with "
+                           "--time-from PROBE.json, or pass --allow-mixed")
 
 
 def machine_of(row: RunSummary) -> str:

@@ -44,6 +44,7 @@ class SeedGroup:
     p_chrf: float | None
     p_note: str
     members: list[int] = field(default_factory=list)  # indices of the runs in the report
+    shared: bool = False  # a member shared its machine: the group's wall-clock figures are not usable
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
@@ -91,4 +92,4 @@ def summarize_group(rows: list[RunSummary], members: list[int], recipe: str) -> 
         time_to_target_minutes=Spread.of([r.time_to_target_minutes for r in group]),
         bleu_at={m: Spread.of([r.bleu_at.get(m) for r in group]) for m in first.bleu_at},
         p_run=first.run, p_bleu=first.p_bleu, p_chrf=first.p_chrf, p_note=first.significance_note,
-        members=list(members))
+        members=list(members), shared=any(r.machine_use == "shared" for r in group))

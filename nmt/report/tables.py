@@ -184,15 +184,17 @@ def _group_lines(groups: list[SeedGroup], marks: list[str], to_target: str) -> l
         n = len(g.runs)
         seeds = f"{', '.join(str(s) for s in g.seeds)} (n={n})"
         p_bleu, p_chrf = (_p(g.p_bleu), _p(g.p_chrf)) if g.p_bleu is not None else (g.p_note or "–",) * 2
+        wall = SHARED if g.shared else ""
         lines.append(f"| {g.recipe} | {g.model} | {seeds} | {_spread(g.best_valid_bleu, n)} | "
                      f"{_spread(g.test_bleu, n)} | {_spread(g.test_chrf, n)} | "
-                     f"{_spread(g.time_to_target_minutes, n, '.1f')} | {p_bleu} | {p_chrf} |")
+                     f"{_spread(g.time_to_target_minutes, n, '.1f')}{wall} | {p_bleu} | {p_chrf} |")
     if marks:
         lines += ["", "Seed groups, best valid BLEU by training time (mean ± sd):", "",
                   "| recipe | model | " + " | ".join(f"{m} min" for m in marks) + " |",
                   "|---|---|" + "---|" * len(marks)]
         for g in groups:
-            cells = " | ".join(_spread(g.bleu_at[m], len(g.runs)) for m in marks)
+            wall = SHARED if g.shared else ""
+            cells = " | ".join(_spread(g.bleu_at[m], len(g.runs)) + wall for m in marks)
             lines.append(f"| {g.recipe} | {g.model} | {cells} |")
     return lines
 

@@ -43,6 +43,10 @@ AT=${AT:-10,20,30,40}  # training minutes at which the report reads each model's
 # `nmt hardware` prints, e.g. AVX512) also requires it of this machine: the runs in results/ were
 # logged before nmt recorded CPU kinds and trained where torch reports AVX512.
 KIND=${KIND:-}
+# PROBES: nmt bench files (a glob is fine) whose machines the report projects every run's updates
+# onto; with them, runs trained on different machines compare on that projected clock. Default for
+# en-de: results/probes/*.json, since its 6+1 runs trained on another CPU kind than the others.
+PROBES=${PROBES:-}
 
 target() {  # target PAIR: the last value given for PAIR in TARGETS
     local t="" kv
@@ -63,6 +67,13 @@ models() {  # models PAIR: the recipes compared on PAIR, the baseline first
 
 recipe() {  # recipe MODEL PAIR: en-de has the original recipes, the others a -PAIR suffix
     if [ "$2" = en-de ]; then echo "recipes/multi30k/$1.yaml"; else echo "recipes/$(corpus "$2")/$1-$2.yaml"; fi
+}
+
+probes() {  # probes PAIR: the --time-from options of its report
+    local p list=$PROBES
+    [ -n "$list" ] || [ "$1" != en-de ] || list="recipes/multi30k/results/probes/*.json"
+    for p in $list; do [ -f "$p" ] && printf -- '--time-from\n%s\n' "$p"; done
+    return 0
 }
 
 test_split() {  # test_split PAIR: the files the test scores come from, as the pair's recipes name them
@@ -130,6 +141,8 @@ for pair in $PAIRS; do
     # Seeds grouped; the p-values compare each recipe's first seed with the first model's.
     read -r -a compared <<<"$(models "$pair")"
     options=(--group-seeds --baseline "${compared[0]}-seed$first" --target "$(target "$pair")" --at "$AT")
+    mapfile -t projected < <(probes "$pair")
+    options+=(${projected[@]+"${projected[@]}"})
     nmt report "${runs[@]}" "${options[@]}" --plot "$dir/bleu-vs-time.png" --speed | tee "$dir/report.md"
     nmt report "${runs[@]}" "${options[@]}" --format csv > "$dir/report.csv"
     echo "report ($pair): $dir/report.md, $dir/report.csv, $dir/bleu-vs-time.png" >&2
