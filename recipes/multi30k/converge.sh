@@ -47,6 +47,7 @@ train() {  # train MODEL SEED: train or resume one run, then its test score at b
             --set train.patience="$PATIENCE" --set train.valid_every="$VALID_EVERY" \
             --set train.threads="$THREADS" --set tokenizer.reuse="$SHARED" >>"$OUT/$1-seed$2.log" 2>&1
     fi
+    finished "$run" || return 0  # stopped by a signal: resumed by the next run of this script
     compgen -G "$run/eval/*.json" >/dev/null || nice -n "$NICE" nmt eval --model "$run" \
         --src "$ROOT/multi30k/test2016.en" --ref "$ROOT/multi30k/test2016.de" --beam 5 >>"$OUT/$1-seed$2.log" 2>&1
 }
