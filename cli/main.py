@@ -567,6 +567,11 @@ def report(
     plot_breakdown: Annotated[Optional[Path], typer.Option(help="Write the --breakdown buckets to this PNG.")] = None,
     bucket_min: Annotated[int, typer.Option(help="Fewest test sentences in a source-length bucket.")] = 100,
     buckets: Annotated[int, typer.Option(help="Source-length buckets before small ones are merged.")] = 5,
+    at_updates: Annotated[Optional[str], typer.Option(
+        help="Updates, comma-separated (e.g. 1000,2000,4000): best valid BLEU by each, updates to --target, and "
+             "how each run ended (converged by train.patience, or stopped at a cap); no clock affects it.")] = None,
+    plot_updates: Annotated[Optional[Path], typer.Option(
+        help="Write valid BLEU against updates to this PNG (seed groups: mean in a min–max band).")] = None,
     time_from: Annotated[Optional[list[Path]], typer.Option(
         help="A probe file of nmt bench (repeatable: a column and a curve per probed machine): each run's training "
              "time projected onto that hardware, its updates × the probe's seconds per update; --plot then draws "
@@ -583,7 +588,9 @@ def report(
         from nmt.report import breakdown as by_bucket
 
         cost = [name for name, given in (("--plot", plot is not None), ("--target", target is not None),
-                                         ("--at", at is not None), ("--speed", speed), ("--group-seeds", group_seeds))
+                                         ("--at", at is not None), ("--speed", speed), ("--group-seeds", group_seeds),
+                                         ("--at-updates", at_updates is not None),
+                                         ("--plot-updates", plot_updates is not None))
                 if given]
         if cost or not breakdown:
             raise NmtError(f"{cost[0]} is for the cost table, which --breakdown replaces; run nmt report once for each"
@@ -595,7 +602,8 @@ def report(
             typer.echo(f"plot: {plot_breakdown}", err=True)
         return
     marks = reports.parse_minutes(at) if at is not None else []
-    found = reports.compare(runs, target, marks, baseline, group_seeds, allow_mixed, time_from or [])
+    updates = reports.parse_updates(at_updates) if at_updates is not None else []
+    found = reports.compare(runs, target, marks, baseline, group_seeds, allow_mixed, time_from or [], updates)
     typer.echo(reports.render(found.rows, fmt, found.groups, found.significance, found.projections), nl=False)
     if plot is not None and found.projections:
         reports.plot_projected(found.projections, plot, target)
@@ -603,6 +611,9 @@ def report(
     elif plot is not None:
         reports.plot(runs, plot, target, speed, found.groups)
         typer.echo(f"plot: {plot}", err=True)
+    if plot_updates is not None:
+        reports.plot(runs, plot_updates, target, speed, found.groups, by_updates=True)
+        typer.echo(f"plot: {plot_updates} (valid BLEU against updates)", err=True)
 
 
 @app.command()

@@ -151,6 +151,39 @@ def test_a_run_that_shared_its_machine_has_its_wall_clock_figures_marked(tmp_pat
     assert "| 10.0 ± 0.0 † |" in grouped.stdout and "| 22.00 ± 0.00 † |" in grouped.stdout
 
 
+def ended(run: Path, reason: str, steps: int = 300) -> Path:
+    """Give ``run``'s end record the reason ``nmt train`` writes (and the update it stopped at)."""
+    records = [r for r in runlog.read(run / "log.jsonl")]
+    records[-1].update(reason=reason, step=steps)
+    (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return run
+
+
+def test_curves_read_by_updates_say_how_each_run_ended(tmp_path: Path) -> None:
+    """Valid BLEU 10, 22, 27 at updates 100, 200, 300: by 150 updates 10, by 300 27, by 400 not reached."""
+    converged = ended(make_run(tmp_path, "a", seed=1), "no better valid BLEU in 6 validations (train.patience)")
+    capped = ended(make_run(tmp_path, "b", seed=2, valid=(12.0, 20.0, 26.0)), "reached train.max_steps=300")
+    running = make_run(tmp_path, "c", seed=3, finished=False)
+    plot = tmp_path / "updates.png"
+    args = ["report", str(converged), str(capped), str(running), "--target", "20", "--at-updates", "150,300,400"]
+    result = runner.invoke(app, [*args, "--group-seeds", "--plot-updates", str(plot)])
+    assert result.exit_code == 0, result.output
+    assert "| a | transformer | 27.00 (300) | 200 | 10.00 | 27.00 | – | converged: no better valid BLEU in 6 " \
+           "validations (train.patience), at 300 updates |" in result.stdout
+    assert "| b | transformer | 26.00 (300) | 200 | 12.00 | 26.00 | – | at 300 updates, not converged: reached " \
+           "train.max_steps=300 |" in result.stdout
+    assert "| c | transformer | 27.00 (300) | 200 | 10.00 | 27.00 | – | unfinished at 300 updates |" in result.stdout
+    # The three seeds of one recipe: mean ± sd by updates.
+    assert "| recipe-transformer | transformer | 1, 2, 3 | 200 ± 0 | 10.67 ± 1.15 | 26.67 ± 0.58 | – |" \
+        in result.stdout
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+    row = json.loads(runner.invoke(app, [*args, "--format", "json"]).stdout)[1]
+    assert (row["valid_bleu_at_150updates"], row["valid_bleu_at_400updates"]) == (12.0, None)
+    assert row["updates_to_target"] == 200 and row["ended"] == "reached train.max_steps=300"
+    bad = runner.invoke(app, ["report", str(converged), "--at-updates", "1000,soon"])
+    assert bad.exit_code != 0 and len(bad.stderr.strip().splitlines()) == 1 and "--at-updates 1000,soon" in bad.stderr
+
+
 def test_bad_minutes_for_at_is_one_line(tmp_path: Path) -> None:
     result = runner.invoke(app, ["report", str(make_run(tmp_path, "a")), "--at", "10,soon"])
     assert result.exit_code != 0 and "--at 10,soon" in result.stderr and "Traceback" not in result.output
@@ -452,6 +485,40 @@ def test_recipes_for_more_language_pairs_match_the_en_de_ones(kind: str, tgt: st
     assert cfg.name == f"{en_de.name}-en-{tgt}" and cfg.tokenizer.reuse is None  # a SentencePiece model of its own
     assert (cfg.model, cfg.train, cfg.search, cfg.tokenizer) == (en_de.model, en_de.train, en_de.search,
                                                                  en_de.tokenizer)
+
+
+def test_converge_script_trains_by_updates_and_evaluates_only_what_stopped_on_its_own(tmp_path: Path) -> None:
+    import subprocess
+
+    script = RECIPES / "converge.sh"
+    stub = tmp_path / "bin" / "nmt"  # writes down its arguments, makes run directories as nmt train does
+    stub.parent.mkdir()
+    stub.write_text('#!/bin/bash\necho "$*" >> "$NMT_CALLS"\n'
+                    'while [ $# -gt 0 ]; do [ "$1" = --run ] && mkdir -p "$2"; shift; done\n')
+    stub.chmod(0o755)
+    out = tmp_path / "out"
+    done = out / "gnmt-seed1"  # stopped by its patience: evaluated, not trained again
+    done.mkdir(parents=True)
+    (done / "log.jsonl").write_text(json.dumps({"event": "end", "step": 4000, "reason":
+                                                "no better valid BLEU in 6 validations (train.patience)"}) + "\n")
+    capped = out / "transformer-seed2"  # stopped at an older, lower cap: trained on
+    capped.mkdir(parents=True)
+    (capped / "log.jsonl").write_text(json.dumps({"event": "end", "step": 500,
+                                                  "reason": "reached train.max_steps=500"}) + "\n")
+    env = {**os.environ, "PATH": f"{stub.parent}:{os.environ['PATH']}", "NMT_CALLS": str(tmp_path / "calls"),
+           "OUT": str(out), "JOBS": "2", "CAP": "8000"}
+    subprocess.run(["bash", str(script)], env=env, check=True, capture_output=True)
+    calls = (tmp_path / "calls").read_text().splitlines()
+    trains = sorted(c for c in calls if c.startswith("train "))
+    assert len(trains) == 3 and not [c for c in trains if f"{done} " in c + " "]
+    assert all("train.max_minutes=0" in c and "train.max_steps=8000" in c and "train.patience=6" in c
+               and "train.threads=1" in c for c in trains)
+    # Only the run that ended by itself is scored; the others stopped without an end record (a signal).
+    assert [c for c in calls if c.startswith("eval ")] == [c for c in calls if c.startswith(f"eval --model {done} ")]
+    assert len([c for c in calls if c.startswith("eval ")]) == 1
+    report = next(c for c in calls if c.startswith("report ") and "--plot-updates" in c)
+    assert "--at-updates 1000,2000" in report and all(f"{out}/{r} " in report + " " for r in
+                                                      ("transformer-seed1", "gnmt-seed2", "transformer-seed2"))
 
 
 def test_compare_script_trains_every_pair_and_seed_and_reports_each_pair(tmp_path: Path) -> None:

@@ -9,7 +9,8 @@ only when they share the tokenizer, the test set and the CPU, unless asked.
 The test scores come with sacreBLEU's 95% bootstrap intervals and its paired bootstrap
 p-value against a baseline run, computed from the hypotheses ``nmt eval`` kept; runs of one
 recipe that differ only in their seed can be summarized as one group (mean ± sd). With probes
-of other hardware (``nmt bench``), each run's training time is also projected onto it.
+of other hardware (``nmt bench``), each run's training time is also projected onto it; read by
+updates (``--at-updates``), the curves need no clock at all.
 
 One job per module: ``runs`` (a run directory -> ``RunSummary``; whether runs compare),
 ``bootstrap`` (intervals and p-values), ``seeds`` (seed groups), ``projection`` (time on
@@ -25,12 +26,13 @@ from pathlib import Path
 from nmt.report.bootstrap import Significance, find_run, significance
 from nmt.report.plots import mean_curve, plot, plot_projected
 from nmt.report.projection import Projection, project
-from nmt.report.runs import RunSummary, check_comparable, parse_minutes, summarize
+from nmt.report.runs import RunSummary, check_comparable, parse_minutes, parse_updates, summarize
 from nmt.report.seeds import SeedGroup, Spread, seed_groups, summarize_group
 from nmt.report.tables import render
 
 __all__ = ["Comparison", "Projection", "RunSummary", "SeedGroup", "Significance", "Spread", "check_comparable",
-           "compare", "mean_curve", "parse_minutes", "plot", "plot_projected", "project", "render", "seed_groups",
+           "compare", "mean_curve", "parse_minutes", "parse_updates", "plot", "plot_projected",
+           "project", "render", "seed_groups",
            "significance", "summarize", "summarize_group"]
 
 
@@ -43,14 +45,16 @@ class Comparison:
 
 
 def compare(runs: list[Path], target: float | None = None, at: list[float] = (), baseline: str | None = None,
-            group_seeds: bool = False, allow_mixed: bool = False, probes: list[Path] = ()) -> Comparison:
+            group_seeds: bool = False, allow_mixed: bool = False, probes: list[Path] = (),
+            at_updates: list[int] = ()) -> Comparison:
     """Everything ``nmt report`` shows: a row per run, the significance tests, the seed groups, and with
     ``probes`` (``nmt bench`` files) each run's training time projected onto the probed machines.
+    ``at_updates`` reads the curves by updates as well (``--at-updates``), which no clock affects.
 
     With ``group_seeds`` the baseline is the first seed of the group of ``baseline`` (default:
     the first group), and each group's p-value is its first seed's.
     """
-    rows = [summarize(run, target, at) for run in runs]
+    rows = [summarize(run, target, at, at_updates) for run in runs]
     if not allow_mixed:  # with probes, runs of different machines share one clock: the projected one
         check_comparable(rows, machines=not probes)
     projections = project(runs, list(probes), target, at) if probes else []

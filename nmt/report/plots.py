@@ -25,8 +25,9 @@ def mean_curve(curves: list[tuple[list[float], list[float]]]) -> tuple[list[floa
 
 
 def plot(runs: list[Path], out: Path, target: float | None = None, speed: bool = False,
-         groups: list[SeedGroup] = ()) -> None:
-    """Valid BLEU against training minutes, a line per run; tokens/s below it if ``speed``.
+         groups: list[SeedGroup] = (), by_updates: bool = False) -> None:
+    """Valid BLEU against training minutes (``by_updates``: against updates), a line per run; tokens/s
+    below it if ``speed``.
 
     With seed groups: a line per group, the mean over its seeds, in a band from the lowest to the
     highest seed (over the training time all its seeds reached).
@@ -40,14 +41,19 @@ def plot(runs: list[Path], out: Path, target: float | None = None, speed: bool =
     fig, axes = plt.subplots(rows, 1, figsize=(7, 4 * rows), squeeze=False)
     ax = axes[0][0]
     curves, speeds, colors = [], [], {}
+
+    def clock(r: dict) -> float:
+        return r["step"] if by_updates else r["train_seconds"] / 60
+
     for run in runs:
         records = runlog.read_run(Path(run) / rundir.LOG_FILE)
         valid = [r for r in records if r["event"] == "valid"]
         train = [r for r in records if r["event"] == "train"]
-        curves.append(([r["train_seconds"] / 60 for r in valid], [r["valid_bleu"] for r in valid]))
-        speeds.append(([r["train_seconds"] / 60 for r in train], [r["tokens_per_s"] for r in train]))
+        curves.append(([clock(r) for r in valid], [r["valid_bleu"] for r in valid]))
+        speeds.append(([clock(r) for r in train], [r["tokens_per_s"] for r in train]))
         if not groups:  # a run that shared its machine says so: its time axis is not usable
-            shared = " – shared machine: time not usable" if machine_use(records)[0] == "shared" else ""
+            shared = " – shared machine: time not usable" \
+                if machine_use(records)[0] == "shared" and not by_updates else ""
             ax.plot(*curves[-1], marker="o", markersize=3, label=f"{Path(run).name} ({model_kind(Path(run))}){shared}")
     for g in groups:
         members = [curves[i] for i in g.members if curves[i][0]]
@@ -63,12 +69,12 @@ def plot(runs: list[Path], out: Path, target: float | None = None, speed: bool =
             axes[1][0].plot(*speeds[i], color=colors.get(i), label=f"{Path(run).name} ({model_kind(Path(run))})")
     if target is not None:
         ax.axhline(target, linestyle="--", color="grey", label=f"target {target:g}")
-    ax.set_xlabel("training time (minutes, validation excluded)")
+    ax.set_xlabel("updates" if by_updates else "training time (minutes, validation excluded)")
     ax.set_ylabel("valid BLEU")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     if speed:
-        axes[1][0].set_xlabel("training time (minutes)")
+        axes[1][0].set_xlabel("updates" if by_updates else "training time (minutes)")
         axes[1][0].set_ylabel("target tokens/s")
         axes[1][0].grid(alpha=0.3)
     fig.tight_layout()

@@ -76,6 +76,12 @@ class RunSummary:
     loaded_windows: float | None = None  # the share of its log windows in which other processes took the cores
     p_baseline: str = ""
     significance_note: str = ""  # "baseline", or why there is no interval or p-value
+    # The clock-free reading (``--at-updates``): updates to the first validation at the target, and the
+    # best valid BLEU by each asked number of updates ({"2000": 31.2}; None where the run made fewer).
+    updates_to_target: int | None = None
+    bleu_at_updates: dict[str, float | None] = field(default_factory=dict)
+    ended: str = ""  # why training stopped, as the log's end record says; "" for an unfinished run
+    best_step: int | None = None  # the update of the best validation (best.pt)
 
 
 def time_to_target(records: list[dict], target: float) -> float | None:
@@ -84,6 +90,30 @@ def time_to_target(records: list[dict], target: float) -> float | None:
         if r["event"] == "valid" and r.get("valid_bleu", -1) >= target:
             return r["train_seconds"] / 60
     return None
+
+
+def updates_to_target(records: list[dict], target: float) -> int | None:
+    """Updates made at the first validation whose BLEU reached ``target``."""
+    return next((r["step"] for r in records if r["event"] == "valid" and r.get("valid_bleu", -1) >= target), None)
+
+
+def bleu_by_updates(records: list[dict], updates: int) -> float | None:
+    """Best valid BLEU among validations by ``updates`` updates, None if the run made fewer."""
+    if max((r.get("step", 0) for r in records), default=0) < updates:
+        return None
+    return max((r["valid_bleu"] for r in records if r["event"] == "valid" and r["step"] <= updates), default=None)
+
+
+def parse_updates(text: str) -> list[int]:
+    """``"1000,2000,4000"`` -> [1000, 2000, 4000], for ``nmt report --at-updates``."""
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        values = []
+    if not values or any(v <= 0 for v in values):
+        raise NmtError(f"--at-updates {text}: give positive whole numbers of updates separated by commas, "
+                       "e.g. --at-updates 1000,2000,4000")
+    return values
 
 
 # A log window "had other load" where other processes took more than hardware.OTHER_LOAD_LIMIT (10%) of
@@ -215,7 +245,7 @@ def _checkpoint_label(record: dict) -> str:
     return f"{record.get('checkpoint', '?')}" + (f" step {step}" if step is not None else "")
 
 
-def summarize(run: Path, target: float | None = None, at: list[float] = ()) -> RunSummary:
+def summarize(run: Path, target: float | None = None, at: list[float] = (), at_updates: list[int] = ()) -> RunSummary:
     run = Path(run)
     records = runlog.read_run(run / rundir.LOG_FILE)
     start = runlog.first(records, "start") or {}
@@ -265,6 +295,10 @@ def summarize(run: Path, target: float | None = None, at: list[float] = ()) -> R
         test_ref=test.get("ref", "") if test else "",
         machine_use=use,
         loaded_windows=loaded,
+        updates_to_target=updates_to_target(records, target) if target is not None else None,
+        bleu_at_updates={str(n): bleu_by_updates(records, n) for n in at_updates},
+        ended=(end or {}).get("reason", "") if end else "",
+        best_step=best_step(records),
     )
 
 

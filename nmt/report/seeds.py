@@ -44,6 +44,8 @@ class SeedGroup:
     p_chrf: float | None
     p_note: str
     members: list[int] = field(default_factory=list)  # indices of the runs in the report
+    updates_to_target: Spread | None = None
+    bleu_at_updates: dict[str, Spread] = field(default_factory=dict)
     shared: bool = False  # a member shared its machine: the group's wall-clock figures are not usable
 
 
@@ -92,4 +94,6 @@ def summarize_group(rows: list[RunSummary], members: list[int], recipe: str) -> 
         time_to_target_minutes=Spread.of([r.time_to_target_minutes for r in group]),
         bleu_at={m: Spread.of([r.bleu_at.get(m) for r in group]) for m in first.bleu_at},
         p_run=first.run, p_bleu=first.p_bleu, p_chrf=first.p_chrf, p_note=first.significance_note,
+        updates_to_target=Spread.of([r.updates_to_target for r in group]),
+        bleu_at_updates={n: Spread.of([r.bleu_at_updates.get(n) for r in group]) for n in first.bleu_at_updates},
         members=list(members), shared=any(r.machine_use == "shared" for r in group))

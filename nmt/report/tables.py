@@ -26,6 +26,8 @@ def _flat(row: RunSummary, projections: list[Projection] = ()) -> dict:
     values = asdict(row)
     for minutes, score in values.pop("bleu_at").items():
         values[f"valid_bleu_at_{minutes}min"] = score
+    for updates, score in values.pop("bleu_at_updates").items():
+        values[f"valid_bleu_at_{updates}updates"] = score
     for p in projections:
         if p.run == row.run:
             values.update({f"projected_seconds_per_update[{p.machine}]": p.seconds_per_update,
@@ -42,6 +44,9 @@ def _flat_group(group: SeedGroup) -> dict:
     spreads = {name: getattr(group, name) for name in ("best_valid_bleu", "test_bleu", "test_chrf",
                                                        "time_to_target_minutes")}
     spreads.update({f"valid_bleu_at_{m}min": spread for m, spread in group.bleu_at.items()})
+    if group.bleu_at_updates:
+        spreads["updates_to_target"] = group.updates_to_target
+        spreads.update({f"valid_bleu_at_{n}updates": spread for n, spread in group.bleu_at_updates.items()})
     for name, spread in spreads.items():
         values.update({f"{name}_seed_mean": spread.mean, f"{name}_seed_sd": spread.sd, f"{name}_seed_n": spread.n})
     values.update(p_run=group.p_run, p_bleu=group.p_bleu, p_chrf=group.p_chrf, p_note=group.p_note)
@@ -114,6 +119,8 @@ def _markdown(rows: list[RunSummary], groups: list[SeedGroup] = (), tested: Sign
             lines.append(f"| {r.run} | {r.model} | " + " | ".join(num(r.bleu_at[m], ".2f") + wall for m in marks)
                          + " |")
     lines += _shared_lines(rows)
+    if rows and rows[0].bleu_at_updates:
+        lines += _updates_lines(rows, groups)
     if projections:
         lines += _projection_lines(rows, projections, marks)
     if tested is not None and any(r.test_bleu is not None for r in rows):
@@ -196,6 +203,41 @@ def _group_lines(groups: list[SeedGroup], marks: list[str], to_target: str) -> l
             wall = SHARED if g.shared else ""
             cells = " | ".join(_spread(g.bleu_at[m], len(g.runs)) + wall for m in marks)
             lines.append(f"| {g.recipe} | {g.model} | {cells} |")
+    return lines
+
+
+def ending(r: RunSummary) -> str:
+    """How a run's training ended, in the words a reader of a convergence table needs."""
+    if not r.ended:
+        return f"unfinished at {r.steps:,} updates"
+    if "patience" in r.ended:
+        return f"converged: {r.ended}, at {r.steps:,} updates"
+    return f"at {r.steps:,} updates, not converged: {r.ended}"
+
+
+def _updates_lines(rows: list[RunSummary], groups: list[SeedGroup]) -> list[str]:
+    """Valid BLEU read by updates (``--at-updates``): a clock-free reading, per run and per seed group."""
+    marks = list(rows[0].bleu_at_updates)
+    target = rows[0].target
+    to_target = [f"updates to valid BLEU {target:g}"] if target is not None else []
+    head = ["run", "model", "best valid BLEU (at update)", *to_target, *(f"{m} updates" for m in marks), "ended"]
+    lines = ["", "Best valid BLEU by updates (no clock involved: runs of any machine, alone or not, compare):", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        best = f"{_num(r.best_valid_bleu, '.2f')} ({_num(r.best_step, ',')})"
+        reached = [_num(r.updates_to_target, ",")] if target is not None else []
+        cells = [r.run, r.model, best, *reached, *(_num(r.bleu_at_updates[m], ".2f") for m in marks), ending(r)]
+        lines.append("| " + " | ".join(cells) + " |")
+    if groups:
+        head = ["recipe", "model", "seeds", *to_target, *(f"{m} updates" for m in marks)]
+        lines += ["", "Seed groups by updates (mean ± sd):", "", "| " + " | ".join(head) + " |",
+                  "|" + "---|" * len(head)]
+        for g in groups:
+            n = len(g.runs)
+            reached = [_spread(g.updates_to_target, n, ",.0f")] if target is not None else []
+            cells = [g.recipe, g.model, ", ".join(str(s) for s in g.seeds), *reached,
+                     *(_spread(g.bleu_at_updates[m], n) for m in marks)]
+            lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 

@@ -13,7 +13,8 @@
 # (/proc/stat) so the report can tell. Re-running the script resumes every unfinished run from its
 # last.pt (exact resume: the same parameters as an uninterrupted run); last.pt is git-ignored, so
 # a run moves to another machine by copying its directory, last.pt included.
-# Output: OUT/{transformer,gnmt}-seedN/ (runs), OUT/report.md (BLEU against updates, test scores).
+# Output: OUT/{transformer,gnmt}-seedN/ (runs), OUT/report.{md,csv} (valid BLEU by updates, how each
+# run ended, test scores at beam 5 with intervals and p-values), OUT/bleu-vs-updates.png.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -25,6 +26,7 @@ VALID_EVERY=${VALID_EVERY:-250}
 JOBS=${JOBS:-1}        # runs trained at once; each gets THREADS intra-op threads
 THREADS=${THREADS:-1}
 NICE=${NICE:-0}
+AT_UPDATES=${AT_UPDATES:-1000,2000,3000,4000,6000,8000,10000}  # where the report reads valid BLEU
 OUT=${OUT:-recipes/multi30k/results/en-de-converge}
 ROOT=${NMT_DATA:-$HOME/.cache/nmt/data}
 SHARED=recipes/multi30k/results/en-de/transformer-seed1  # the pair's SentencePiece model
@@ -66,4 +68,6 @@ runs=()
 for model in $MODELS; do for seed in $SEEDS; do runs+=("$OUT/$model-seed$seed"); done; done
 read -r -a models <<<"$MODELS"
 read -r -a seeds <<<"$SEEDS"
-nmt report "${runs[@]}" --group-seeds --baseline "${models[0]}-seed${seeds[0]}" | tee "$OUT/report.md"
+options=(--group-seeds --baseline "${models[0]}-seed${seeds[0]}" --target 28 --at-updates "$AT_UPDATES")
+nmt report "${runs[@]}" "${options[@]}" --plot-updates "$OUT/bleu-vs-updates.png" | tee "$OUT/report.md"
+nmt report "${runs[@]}" "${options[@]}" --format csv > "$OUT/report.csv"
