@@ -84,24 +84,24 @@ class RunSummary:
     best_step: int | None = None  # the update of the best validation (best.pt)
 
 
+def reaching(records: list[dict], target: float) -> dict | None:
+    """The first validation whose BLEU reached ``target``: its ``train_seconds`` time it, its ``step`` counts
+    the updates to it."""
+    return next((r for r in records if r["event"] == "valid" and r.get("valid_bleu", -1) >= target), None)
+
+
 def time_to_target(records: list[dict], target: float) -> float | None:
     """Training minutes at the first validation whose BLEU reached ``target``."""
-    for r in records:
-        if r["event"] == "valid" and r.get("valid_bleu", -1) >= target:
-            return r["train_seconds"] / 60
-    return None
+    first = reaching(records, target)
+    return first["train_seconds"] / 60 if first else None
 
 
-def updates_to_target(records: list[dict], target: float) -> int | None:
-    """Updates made at the first validation whose BLEU reached ``target``."""
-    return next((r["step"] for r in records if r["event"] == "valid" and r.get("valid_bleu", -1) >= target), None)
-
-
-def bleu_by_updates(records: list[dict], updates: int) -> float | None:
-    """Best valid BLEU among validations by ``updates`` updates, None if the run made fewer."""
-    if max((r.get("step", 0) for r in records), default=0) < updates:
+def best_by(records: list[dict], clock: str, mark: float, slack: float = 1.0) -> float | None:
+    """Best valid BLEU among validations by ``mark`` on ``clock`` (``train_seconds`` or ``step``), None if the
+    run's clock stopped short of it; ``slack`` widens the mark both ways."""
+    if max((r.get(clock, 0) for r in records), default=0) < mark / slack:
         return None
-    return max((r["valid_bleu"] for r in records if r["event"] == "valid" and r["step"] <= updates), default=None)
+    return max((r["valid_bleu"] for r in records if r["event"] == "valid" and r[clock] <= mark * slack), default=None)
 
 
 def parse_updates(text: str) -> list[int]:
@@ -139,11 +139,7 @@ AT_SLACK = 1.01
 
 def bleu_at(records: list[dict], minutes: float) -> float | None:
     """Best valid BLEU among validations by ``minutes`` of training, None if it trained less."""
-    limit = minutes * 60 * AT_SLACK
-    if max((r.get("train_seconds", 0.0) for r in records), default=0.0) < minutes * 60 / AT_SLACK:
-        return None
-    scores = [r["valid_bleu"] for r in records if r["event"] == "valid" and r["train_seconds"] <= limit]
-    return max(scores, default=None)
+    return best_by(records, "train_seconds", minutes * 60, AT_SLACK)
 
 
 def parse_minutes(text: str) -> list[float]:
@@ -295,9 +291,9 @@ def summarize(run: Path, target: float | None = None, at: list[float] = (), at_u
         test_ref=test.get("ref", "") if test else "",
         machine_use=use,
         loaded_windows=loaded,
-        updates_to_target=updates_to_target(records, target) if target is not None else None,
-        bleu_at_updates={str(n): bleu_by_updates(records, n) for n in at_updates},
-        ended=(end or {}).get("reason", "") if end else "",
+        updates_to_target=(reaching(records, target) or {}).get("step") if target is not None else None,
+        bleu_at_updates={str(n): best_by(records, "step", n) for n in at_updates},
+        ended=end.get("reason", "") if end else "",
         best_step=best_step(records),
     )
 
