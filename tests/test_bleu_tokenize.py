@@ -214,3 +214,30 @@ def test_compare_script_runs_en_ja_and_ja_en_on_their_recipes_and_data(tmp_path:
     assert not [c for c in calls if c.startswith("data ")]  # nmt data fetches Multi30k only
     reports = [c for c in calls if c.startswith("report ") and "--plot" in c]
     assert f"{tmp_path}/out/ja-en/gnmt-seed1" in reports[1] and "--target 15" in reports[1]
+
+
+def test_compare_script_budgets_updates_runs_them_together_and_reports_by_updates(tmp_path: Path) -> None:
+    env = {**stub_nmt(tmp_path), "PAIRS": "en-ja", "UPDATES": "300", "JOBS": "2", "THREADS": "1"}
+    data = tmp_path / "data" / "small_parallel_enja"
+    data.mkdir(parents=True)
+    for lang in ("en", "ja"):
+        (data / f"train.{lang}").write_text("x\n")
+    subprocess.run(["bash", str(ROOT / "recipes" / "multi30k" / "compare.sh")], env=env, check=True,
+                   capture_output=True, cwd=tmp_path)
+    calls = (tmp_path / "calls").read_text().splitlines()
+    shared = tmp_path / "out" / "en-ja" / "transformer-seed1"
+    # The pair's SentencePiece model is made before the runs that share it start together.
+    assert calls[[c.split()[0] for c in calls].index("prepare")] == \
+        f"prepare recipes/small_parallel_enja/transformer-en-ja.yaml --run {shared} --no-progress"
+    first_train = next(i for i, c in enumerate(calls) if c.startswith("train "))
+    assert [c.split()[0] for c in calls[:first_train]].count("prepare") == 1
+    trains = [c for c in calls if c.startswith("train ")]
+    assert len(trains) == 2 and all("train.max_minutes=0" in c and "train.max_steps=300" in c
+                                    and "train.threads=1" in c for c in trains)
+    report = next(c for c in calls if c.startswith("report ") and "--plot-updates" in c)
+    assert "--at-updates 60,120,180,240,300" in report and "--at " not in report
+    # Its runs take the en-ja probes of this machine kind, and the plot against projected time.
+    probes = sorted((ROOT / "recipes" / "small_parallel_enja" / "results" / "probes").glob("*-en-ja.json"))
+    assert probes and all(f"--time-from recipes/small_parallel_enja/results/probes/{p.name}" in report
+                          for p in probes)
+    assert "-ja-en.json" not in report and f"--plot {tmp_path}/out/en-ja/bleu-vs-time.png" in report

@@ -18,6 +18,11 @@
 # BUDGET is minutes of training per run (validation time excluded); runs go one after the
 # other, each alone on the machine: models x seeds x pairs x BUDGET minutes, plus evaluation.
 # Re-running the script resumes unfinished runs; raising BUDGET continues finished ones.
+# UPDATES=N budgets updates instead of minutes: every run stops at N updates, which no clock
+# affects, so the runs may share the machine (JOBS at once, THREADS intra-op threads each, at
+# NICE); the report then reads valid BLEU by updates (AT_UPDATES, bleu-vs-updates.png) and, with
+# PROBES (nmt bench on an idle machine), on each probed machine's projected clock. Wall-clock
+# figures of runs that shared the machine mean nothing, and the report marks them (†).
 # Output: OUT/PAIR/{transformer,gnmt}-seedN/ (runs), OUT/PAIR/report.{md,csv}, OUT/PAIR/bleu-vs-time.png.
 # OUT defaults to the corpus's recipes/CORPUS/results, where the measured answer is kept: checkpoints (*.pt)
 # are git-ignored, the rest of a finished run (recipe, log, subwords, test hypotheses and scores) is
@@ -29,6 +34,11 @@ cd "$(dirname "$0")/../.."
 PAIRS=${PAIRS:-en-de}
 SEEDS=${SEEDS:-1}
 BUDGET=${BUDGET:-40}
+UPDATES=${UPDATES:-}   # set: a budget in updates (see above), BUDGET unused
+JOBS=${JOBS:-1}        # with UPDATES: runs trained at once
+THREADS=${THREADS:-}   # with UPDATES: intra-op threads per run (default: the recipe's)
+NICE=${NICE:-0}
+AT_UPDATES=${AT_UPDATES:-}  # with UPDATES: where the report reads valid BLEU (default: 5 even steps)
 OUT=${OUT:-}  # empty: recipes/CORPUS/results
 ROOT=${NMT_DATA:-$HOME/.cache/nmt/data}
 # Valid BLEU whose first reaching is timed, per pair: a value both models of the pair reach
@@ -45,7 +55,8 @@ AT=${AT:-10,20,30,40}  # training minutes at which the report reads each model's
 KIND=${KIND:-}
 # PROBES: nmt bench files (a glob is fine) whose machines the report projects every run's updates
 # onto; with them, runs trained on different machines compare on that projected clock. Default for
-# en-de: results/probes/*.json, since its 6+1 runs trained on another CPU kind than the others.
+# en-de: results/probes/*.json, since its 6+1 runs trained on another CPU kind than the others; for
+# en-ja and ja-en: recipes/small_parallel_enja/results/probes/*-PAIR.json (their runs count updates).
 PROBES=${PROBES:-}
 
 target() {  # target PAIR: the last value given for PAIR in TARGETS
@@ -71,7 +82,12 @@ recipe() {  # recipe MODEL PAIR: en-de has the original recipes, the others a -P
 
 probes() {  # probes PAIR: the --time-from options of its report
     local p list=$PROBES
-    [ -n "$list" ] || [ "$1" != en-de ] || list="recipes/multi30k/results/probes/*.json"
+    if [ -z "$list" ]; then  # each run takes the probe of its own recipe and data from these
+        case "$1" in
+            en-de) list="recipes/multi30k/results/probes/*.json";;
+            en-ja|ja-en) list="recipes/small_parallel_enja/results/probes/*-$1.json";;
+        esac
+    fi
     for p in $list; do [ -f "$p" ] && printf -- '--time-from\n%s\n' "$p"; done
     return 0
 }
@@ -102,7 +118,7 @@ for pair in $PAIRS; do
     done
     dir=${OUT:-recipes/$(corpus "$pair")/results}/$pair
     shared=$dir/transformer-seed$first  # its SentencePiece model serves every run of the pair
-    checked=""
+    todo=()  # MODEL:SEED of the runs to train or resume
     for seed in "${seeds[@]}"; do
         for model in $(models "$pair"); do
             run=$dir/$model-seed$seed
@@ -110,22 +126,39 @@ for pair in $PAIRS; do
                 echo "compare.sh: $run is kept as recorded (scores, no last.pt to go on from)" >&2
                 continue
             fi
-            if [ -z "$checked" ]; then  # once per pair, before its first training
-                made=()
-                for r in "$dir"/*-seed*/; do [ -f "$r/log.jsonl" ] && made+=("${r%/}"); done
-                here=$(nmt hardware ${made[@]+"${made[@]}"})
-                case "$here" in *"$KIND"*) ;; *) echo "compare.sh: this machine is $here, not $KIND" >&2; exit 1;; esac
-                checked=1
-            fi
-            reuse=()
-            [ "$run" = "$shared" ] || reuse=(--set tokenizer.reuse="$shared")
-            # Validating every 200 updates draws the BLEU-against-time curves finely enough to
-            # read off 10, 20 and 40 minutes; validation time is kept off the training clock.
-            nmt train "$(recipe "$model" "$pair")" --run "$run" --no-test --set train.seed="$seed" \
-                --set train.max_minutes="$BUDGET" --set train.valid_every=200 ${reuse[@]+"${reuse[@]}"}
-            nmt eval --model "$run" --src "$data/$split.$src" --ref "$data/$split.$tgt" --beam 5
+            todo+=("$model:$seed")
         done
     done
+    if [ "${#todo[@]}" -gt 0 ]; then  # once per pair, before its first training
+        made=()
+        for r in "$dir"/*-seed*/; do [ -f "$r/log.jsonl" ] && made+=("${r%/}"); done
+        here=$(nmt hardware ${made[@]+"${made[@]}"})
+        case "$here" in *"$KIND"*) ;; *) echo "compare.sh: this machine is $here, not $KIND" >&2; exit 1;; esac
+    fi
+    budget=(--set train.max_minutes="$BUDGET")
+    if [ -n "$UPDATES" ]; then
+        budget=(--set train.max_minutes=0 --set train.max_steps="$UPDATES")
+        [ -z "$THREADS" ] || budget+=(--set train.threads="$THREADS")
+        # The pair's SentencePiece model first, so that runs started together can all reuse it.
+        [ "${#todo[@]}" -eq 0 ] || [ -f "$shared/spm.model" ] || nmt prepare \
+            "$(recipe "${todo[0]%%:*}" "$pair")" --run "$shared" --no-progress >&2
+    fi
+    pids=()
+    for job in ${todo[@]+"${todo[@]}"}; do
+        model=${job%%:*} seed=${job#*:} run=$dir/${job%%:*}-seed${job#*:}
+        reuse=()
+        [ "$run" = "$shared" ] || reuse=(--set tokenizer.reuse="$shared")
+        # Validating every 200 updates draws the BLEU-against-time curves finely enough to
+        # read off 10, 20 and 40 minutes; validation time is kept off the training clock.
+        (
+            nice -n "$NICE" nmt train "$(recipe "$model" "$pair")" --run "$run" --no-test --set train.seed="$seed" \
+                "${budget[@]}" --set train.valid_every=200 ${reuse[@]+"${reuse[@]}"}
+            nice -n "$NICE" nmt eval --model "$run" --src "$data/$split.$src" --ref "$data/$split.$tgt" --beam 5
+        ) &
+        pids+=($!)
+        if [ -z "$UPDATES" ] || [ "${#pids[@]}" -ge "$JOBS" ]; then wait "${pids[0]}"; pids=("${pids[@]:1}"); fi
+    done
+    for p in ${pids[@]+"${pids[@]}"}; do wait "$p"; done
     for model in $(models "$pair"); do
         [ -f "$dir/$model-seed$first/best.pt" ] || continue  # a kept run keeps its plot
         # matplotlib's default font (DejaVu Sans) has no Japanese glyphs: every Japanese label would be
@@ -140,10 +173,20 @@ for pair in $PAIRS; do
     done
     # Seeds grouped; the p-values compare each recipe's first seed with the first model's.
     read -r -a compared <<<"$(models "$pair")"
-    options=(--group-seeds --baseline "${compared[0]}-seed$first" --target "$(target "$pair")" --at "$AT")
+    options=(--group-seeds --baseline "${compared[0]}-seed$first" --target "$(target "$pair")")
     mapfile -t projected < <(probes "$pair")
     options+=(${projected[@]+"${projected[@]}"})
-    nmt report "${runs[@]}" "${options[@]}" --plot "$dir/bleu-vs-time.png" --speed | tee "$dir/report.md"
+    if [ -n "$UPDATES" ]; then  # valid BLEU by updates; by projected time where probes are given
+        marks=$AT_UPDATES
+        [ -n "$marks" ] || marks=$(seq -s, "$((UPDATES / 5))" "$((UPDATES / 5))" "$UPDATES")
+        options+=(--at-updates "$marks")
+        plots=(--plot-updates "$dir/bleu-vs-updates.png")
+        [ "${#projected[@]}" -eq 0 ] || plots+=(--plot "$dir/bleu-vs-time.png")
+    else
+        options+=(--at "$AT")
+        plots=(--plot "$dir/bleu-vs-time.png" --speed)
+    fi
+    nmt report "${runs[@]}" "${options[@]}" "${plots[@]}" | tee "$dir/report.md"
     nmt report "${runs[@]}" "${options[@]}" --format csv > "$dir/report.csv"
     echo "report ($pair): $dir/report.md, $dir/report.csv, $dir/bleu-vs-time.png" >&2
 done
