@@ -212,7 +212,7 @@ def test_compare_script_runs_en_ja_and_ja_en_on_their_recipes_and_data(tmp_path:
     assert f"--src {data}/test.en --ref {data}/test.ja" in evals[0]
     assert f"--src {data}/test.ja --ref {data}/test.en" in evals[3]
     assert not [c for c in calls if c.startswith("data ")]  # nmt data fetches Multi30k only
-    reports = [c for c in calls if c.startswith("report ") and "--plot" in c]
+    reports = [c for c in calls if c.startswith("report ") and "--plot " in c]
     assert f"{tmp_path}/out/ja-en/gnmt-seed1" in reports[1] and "--target 15" in reports[1]
 
 

@@ -12,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import shared_data
 from sacrebleu.metrics import BLEU, CHRF
 from test_report import make_run, runner
@@ -115,6 +116,29 @@ def test_word_f_measure_by_hand(tmp_path: Path) -> None:
     notes = {(s.run, s.bucket): (s.p, s.note) for s in found.scores}
     assert notes["same", "1"] == (None, "identical to the baseline's output")
     assert notes["unseen", "0"] == notes["unseen", "3"] == (None, "same as the baseline on every resample")
+
+
+def test_word_f_measure_counts_the_words_bleu_counts(tmp_path: Path) -> None:
+    # Under tok:none (text tokenized already) a word is what the spaces give: three words, each seen
+    # once in training. 13a splits the comma and the dots off: u s Katze , läuft once, "." three times.
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.en").write_text("x\n", encoding="utf-8")
+    (data / "train.de").write_text("u.s. Katze,. läuft\n", encoding="utf-8")
+    (data / "test2016.en").write_text("a\n", encoding="utf-8")
+    (data / "test2016.de").write_text("u.s. Katze,. läuft\n", encoding="utf-8")
+    for tokenize, buckets in (("none", {"1": 3}), ("13a", {"1": 5, "3": 3})):
+        root = tmp_path / tokenize
+        root.mkdir()
+        (root / "data").symlink_to(data)
+        run = scored_run(root, "run", ["u.s. Katze,. läuft"], train={"seed": 1})
+        cfg = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
+        cfg["data"]["bleu_tokenize"] = tokenize
+        (run / "config.yaml").write_text(yaml.safe_dump(cfg), encoding="utf-8")
+        found = bd.breakdown([run], ["frequency"], n_samples=20)
+        assert {s.bucket: s.size for s in found.scores} == buckets
+        said = "the tokens given, split at spaces (tok:none)" in bd.render_breakdown(found, "md")
+        assert said == (tokenize == "none")
 
 
 def test_holm_correction() -> None:

@@ -519,6 +519,8 @@ def test_converge_script_trains_by_updates_and_evaluates_only_what_stopped_on_it
     report = next(c for c in calls if c.startswith("report ") and "--plot-updates" in c)
     assert "--at-updates 1000,2000" in report and all(f"{out}/{r} " in report + " " for r in
                                                       ("transformer-seed1", "gnmt-seed2", "transformer-seed2"))
+    breakdown = next(c for c in calls if c.startswith("report ") and "--breakdown" in c)
+    assert "--baseline transformer-seed1 --breakdown length --breakdown frequency" in breakdown
 
 
 def test_compare_script_trains_every_pair_and_seed_and_reports_each_pair(tmp_path: Path) -> None:
@@ -554,8 +556,13 @@ def test_compare_script_trains_every_pair_and_seed_and_reports_each_pair(tmp_pat
     # Every run of a pair reads the first Transformer's subwords; the pairs do not share them.
     assert all(f"tokenizer.reuse={out}/en-cs/transformer-seed1" in c for c in trains
                if "/en-cs/" in c and "transformer-seed1 " not in c)
-    reports = [c for c in calls if c.startswith("report ") and "--plot" in c]
+    reports = [c for c in calls if c.startswith("report ") and "--plot " in c]
     assert len(reports) == 2 and "--group-seeds --baseline transformer-seed1" in reports[1]
+    # And per pair where each model wins, by length and frequency, against the same baseline.
+    breakdowns = [c for c in calls if c.startswith("report ") and "--breakdown" in c]
+    assert len(breakdowns) == 2 and "--baseline transformer-seed1 --breakdown length --breakdown frequency" in \
+        breakdowns[1] and f"{out}/en-cs/gnmt-seed2" in breakdowns[1] and f"{out}/en-cs/breakdown.png" in breakdowns[1]
+    assert (out / "en-cs" / "breakdown.md").exists()
     assert f"{out}/en-cs/gnmt-seed2" in reports[1] and f"{out}/en-cs/bleu-vs-time.png" in reports[1]
     # en-de's runs trained on two CPU kinds: its report projects them onto the probed machine.
     assert "--time-from recipes/multi30k/results/probes/xeon-transformer-deep-enc.json" in reports[0]

@@ -7,8 +7,9 @@ hypotheses, each bucket with a bootstrap interval and a paired p-value against t
   nearest the quantiles, then merged until each holds at least ``min_sentences`` (``length_buckets``).
 - ``frequency``: target-word precision, recall and F-measure by how often each word occurs in the
   target side of the baseline's training data (compare-mt's buckets 0, 1, 2, 3, 4, 5-9, 10-99,
-  100-999, 1000+). Words are sacreBLEU's 13a tokens (what BLEU counts: punctuation split off),
-  case kept, in the training data, the hypotheses and the references alike.
+  100-999, 1000+). Words are the tokens BLEU counts under the baseline's ``data.bleu_tokenize``
+  (13a: punctuation split off; none: the spaces given), case kept, in the training data, the
+  hypotheses and the references alike.
 
 The resamples are sacreBLEU's (test sentences drawn with replacement, seed ``SACREBLEU_SEED``):
 BLEU and chrF through ``nmt.metrics.paired_bootstrap`` on each bucket's sentences, the
@@ -35,7 +36,7 @@ from nmt.config import DataConfig, split_paths, train_corpora
 from nmt.data import read_lines
 from nmt.download import data_root
 from nmt.errors import NmtError
-from nmt.metrics import BOOTSTRAP_SAMPLES, paired_bootstrap
+from nmt.metrics import BOOTSTRAP_SAMPLES, DEFAULT_TOKENIZE, bleu_metric, paired_bootstrap
 from nmt.report.bootstrap import find_run, kept_hypotheses, same_resamples
 from nmt.report.runs import RunSummary, cached_sha256, read_config, summarize
 
@@ -95,6 +96,7 @@ class Breakdown:
     min_sentences: int
     parts: int
     frequency_source: str = ""  # the training files the word counts come from
+    words: str = DEFAULT_TOKENIZE  # the sacreBLEU tokenization that splits lines into words (frequency)
     notes: list[str] = dataclasses.field(default_factory=list)
 
 
@@ -130,16 +132,14 @@ def frequency_bucket(count: int) -> int:
     return next(i for i, (_, high) in enumerate(FREQUENCY_BUCKETS) if high is None or count <= high)
 
 
-@functools.lru_cache(maxsize=1)
-def _tokenizer():
-    from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
-
-    return Tokenizer13a()
+@functools.lru_cache(maxsize=4)
+def _tokenizer(tokenize: str):
+    return bleu_metric(tokenize).tokenizer
 
 
-def words(line: str) -> list[str]:
-    """The words of a line as BLEU counts them: sacreBLEU's 13a tokens, case kept."""
-    return _tokenizer()(line.rstrip("\n")).split()
+def words(line: str, tokenize: str = DEFAULT_TOKENIZE) -> list[str]:
+    """The words of a line as BLEU counts them under sacreBLEU's ``tokenize``, case kept."""
+    return _tokenizer(tokenize)(line.rstrip("\n")).split()
 
 
 def word_stats(hyp: list[str], ref: list[str], counts: Counter) -> np.ndarray:
@@ -292,13 +292,13 @@ def _training_targets(run: Path) -> list[tuple[str, Path]]:
     return [(corpus.name, corpus.tgt) for corpus in train_corpora(_data_config(read_config(run)))]
 
 
-def training_counts(paths: list[Path]) -> Counter:
-    """How often each 13a word occurs in the files (each file once, whatever its sampling weight)."""
+def training_counts(paths: list[Path], tokenize: str = DEFAULT_TOKENIZE) -> Counter:
+    """How often each word (``words``) occurs in the files (each file once, whatever its sampling weight)."""
     counts: Counter = Counter()
     for path in paths:
         with open(path, encoding="utf-8") as f:
             for line in f:
-                counts.update(words(line))
+                counts.update(words(line, tokenize))
     return counts
 
 
@@ -329,9 +329,9 @@ def _length_scores(test: _TestSet, names: list[str], base: int, min_sentences: i
 
 
 def _frequency_scores(test: _TestSet, names: list[str], base: int, counts: Counter,
-                      n_samples: int) -> list[BucketScore]:
-    refs = [words(line) for line in test.refs]
-    stats = np.stack([np.stack([word_stats(words(h), r, counts) for h, r in zip(hyps, refs)])
+                      n_samples: int, tokenize: str) -> list[BucketScore]:
+    refs = [words(line, tokenize) for line in test.refs]
+    stats = np.stack([np.stack([word_stats(words(h, tokenize), r, counts) for h, r in zip(hyps, refs)])
                       for hyps in test.hyps])  # (runs, sentences, buckets, 3)
     totals = stats.sum(1)  # (runs, buckets, 3)
     draws = _resample_counts(stats.shape[1], n_samples)  # (n_samples, sentences)
@@ -409,12 +409,18 @@ def breakdown(runs: list[Path], kinds: list[str], baseline: str | None = None,
             found.notes.append(f"{', '.join(others)} trained on other data than {names[base]}; their words are "
                                f"bucketed by {names[base]}'s training counts all the same")
         found.frequency_source = ", ".join(str(p) for p in paths)
-        found.scores += _frequency_scores(test, names, base, training_counts(paths), n_samples)
+        found.words = rows[base].bleu_tokenize
+        found.scores += _frequency_scores(test, names, base, training_counts(paths, found.words), n_samples,
+                                          found.words)
     found.scores = _corrected(found.scores)
     return found
 
 
 # --- output ----------------------------------------------------------------------------------
+
+def _words_label(tokenize: str) -> str:
+    return "the tokens given, split at spaces (tok:none)" if tokenize == "none" else f"sacreBLEU's {tokenize} tokens"
+
 
 def render_breakdown(found: Breakdown, fmt: str) -> str:
     """The breakdown as md (a table per analysis, with what its buckets are), or as csv or json
@@ -475,7 +481,7 @@ def _markdown(found: Breakdown) -> str:
                              f"{_p(chrf)} |")
         lines.append("")
     if "frequency" in found.kinds:
-        lines += ["Target-word F-measure by training frequency (words: sacreBLEU's 13a tokens, case kept; "
+        lines += [f"Target-word F-measure by training frequency (words: {_words_label(found.words)}, case kept; "
                   f"frequency: the word's count in the target side of {found.baseline}'s training data, "
                   f"{found.frequency_source}). Precision: the run's words of the bucket that match a reference "
                   "word (each reference word matched once); recall: the reference words of the bucket matched; "

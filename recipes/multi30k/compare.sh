@@ -23,7 +23,8 @@
 # NICE); the report then reads valid BLEU by updates (AT_UPDATES, bleu-vs-updates.png) and, with
 # PROBES (nmt bench on an idle machine), on each probed machine's projected clock. Wall-clock
 # figures of runs that shared the machine mean nothing, and the report marks them (†).
-# Output: OUT/PAIR/{transformer,gnmt}-seedN/ (runs), OUT/PAIR/report.{md,csv}, OUT/PAIR/bleu-vs-time.png.
+# Output: OUT/PAIR/{transformer,gnmt}-seedN/ (runs), OUT/PAIR/report.{md,csv}, OUT/PAIR/bleu-vs-time.png
+# (bleu-vs-updates.png with UPDATES), OUT/PAIR/breakdown.{md,png} (nmt report --breakdown length|frequency).
 # OUT defaults to the corpus's recipes/CORPUS/results, where the measured answer is kept: checkpoints (*.pt)
 # are git-ignored, the rest of a finished run (recipe, log, subwords, test hypotheses and scores) is
 # committed. A run that has its scores but no last.pt is kept as recorded: it is neither trained nor
@@ -188,5 +189,8 @@ for pair in $PAIRS; do
     fi
     nmt report "${runs[@]}" "${options[@]}" "${plots[@]}" | tee "$dir/report.md"
     nmt report "${runs[@]}" "${options[@]}" --format csv > "$dir/report.csv"
-    echo "report ($pair): $dir/report.md, $dir/report.csv, $dir/bleu-vs-time.png" >&2
+    # Where each model wins: test scores by source length, word F by training frequency.
+    nmt report "${runs[@]}" --baseline "${compared[0]}-seed$first" --breakdown length --breakdown frequency \
+        --plot-breakdown "$dir/breakdown.png" > "$dir/breakdown.md"
+    echo "report ($pair): $dir/report.md, $dir/report.csv, $dir/breakdown.md and their plots" >&2
 done

@@ -14,7 +14,8 @@
 # last.pt (exact resume: the same parameters as an uninterrupted run); last.pt is git-ignored, so
 # a run moves to another machine by copying its directory, last.pt included.
 # Output: OUT/{transformer,gnmt}-seedN/ (runs), OUT/report.{md,csv} (valid BLEU by updates, how each
-# run ended, test scores at beam 5 with intervals and p-values), OUT/bleu-vs-updates.png.
+# run ended, test scores at beam 5 with intervals and p-values), OUT/bleu-vs-updates.png,
+# OUT/breakdown.{md,png} (test scores by source length, word F by training frequency).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -71,3 +72,5 @@ read -r -a seeds <<<"$SEEDS"
 options=(--group-seeds --baseline "${models[0]}-seed${seeds[0]}" --target 28 --at-updates "$AT_UPDATES")
 nmt report "${runs[@]}" "${options[@]}" --plot-updates "$OUT/bleu-vs-updates.png" | tee "$OUT/report.md"
 nmt report "${runs[@]}" "${options[@]}" --format csv > "$OUT/report.csv"
+nmt report "${runs[@]}" --baseline "${models[0]}-seed${seeds[0]}" --breakdown length --breakdown frequency \
+    --plot-breakdown "$OUT/breakdown.png" > "$OUT/breakdown.md"
