@@ -140,3 +140,31 @@ def shared_data() -> Path | None:
     if root and (Path(root) / "multi30k" / "train.en").is_file():
         return Path(root)
     return None
+
+
+def stub_nmt(tmp_path: Path, **env: str) -> dict:
+    """The environment of a script run against an nmt that only writes down its arguments.
+
+    Each call is a line of tmp_path/calls; --run directories are made, as nmt train makes them.
+    `nmt train` also lasts 0.2 s and writes "start RUN" and "end RUN" to tmp_path/timeline, so a
+    test can tell which runs trained at the same time.
+    """
+    stub = tmp_path / "bin" / "nmt"
+    stub.parent.mkdir()
+    stub.write_text('#!/bin/bash\necho "$*" >> "$NMT_CALLS"\nrun=""\n'
+                    'for ((i = 1; i <= $#; i++)); do [ "${!i}" = --run ] && j=$((i + 1)) && run=${!j}; done\n'
+                    '[ -z "$run" ] || mkdir -p "$run"\n'
+                    'if [ "$1" = train ]; then echo "start $run" >> "$NMT_CALLS.timeline"; sleep 0.2;'
+                    ' echo "end $run" >> "$NMT_CALLS.timeline"; fi\n')
+    stub.chmod(0o755)
+    return {**os.environ, "PATH": f"{stub.parent}:{os.environ['PATH']}", "NMT_CALLS": str(tmp_path / "calls"),
+            **env}
+
+
+def overlapped(tmp_path: Path) -> int:
+    """The most runs of a stub_nmt script that trained at the same time."""
+    running = most = 0
+    for line in (tmp_path / "calls.timeline").read_text().splitlines():
+        running += 1 if line.startswith("start ") else -1
+        most = max(most, running)
+    return most

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import tiny_recipe
+from conftest import overlapped, stub_nmt, tiny_recipe
 from test_cli import one_error_line, run
 
 from nmt import config
@@ -183,19 +183,14 @@ def test_enja_recipes_find_their_files_when_nmt_data_holds_them() -> None:
             assert len(path.read_text(encoding="utf-8").splitlines()) == lines, path
 
 
-def stub_nmt(tmp_path: Path) -> dict:
-    """An nmt that only writes down its arguments (and makes run directories, as nmt train does)."""
-    stub = tmp_path / "bin" / "nmt"
-    stub.parent.mkdir()
-    stub.write_text('#!/bin/bash\necho "$*" >> "$NMT_CALLS"\n'
-                    'while [ $# -gt 0 ]; do [ "$1" = --run ] && mkdir -p "$2"; shift; done\n')
-    stub.chmod(0o755)
-    return {**os.environ, "PATH": f"{stub.parent}:{os.environ['PATH']}", "NMT_CALLS": str(tmp_path / "calls"),
-            "PAIRS": "en-ja ja-en", "BUDGET": "5", "OUT": str(tmp_path / "out"), "NMT_DATA": str(tmp_path / "data")}
+def enja_env(tmp_path: Path, **env: str) -> dict:
+    """compare.sh's environment for en-ja and ja-en against a stub nmt."""
+    return stub_nmt(tmp_path, **{"PAIRS": "en-ja ja-en", "BUDGET": "5", "OUT": str(tmp_path / "out"),
+                                 "NMT_DATA": str(tmp_path / "data"), **env})
 
 
 def test_compare_script_runs_en_ja_and_ja_en_on_their_recipes_and_data(tmp_path: Path) -> None:
-    env = stub_nmt(tmp_path)
+    env = enja_env(tmp_path)
     script = ROOT / "recipes" / "multi30k" / "compare.sh"
     refused = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
     assert refused.returncode == 1 and "small_parallel_enja" in refused.stderr and "NMT_DATA" in refused.stderr
@@ -217,7 +212,7 @@ def test_compare_script_runs_en_ja_and_ja_en_on_their_recipes_and_data(tmp_path:
 
 
 def test_compare_script_budgets_updates_runs_them_together_and_reports_by_updates(tmp_path: Path) -> None:
-    env = {**stub_nmt(tmp_path), "PAIRS": "en-ja", "UPDATES": "300", "JOBS": "2", "THREADS": "1"}
+    env = enja_env(tmp_path, PAIRS="en-ja", UPDATES="300", JOBS="2", THREADS="1")
     data = tmp_path / "data" / "small_parallel_enja"
     data.mkdir(parents=True)
     for lang in ("en", "ja"):
@@ -234,6 +229,7 @@ def test_compare_script_budgets_updates_runs_them_together_and_reports_by_update
     trains = [c for c in calls if c.startswith("train ")]
     assert len(trains) == 2 and all("train.max_minutes=0" in c and "train.max_steps=300" in c
                                     and "train.threads=1" in c for c in trains)
+    assert overlapped(tmp_path) == 2  # JOBS=2: both runs train at once
     report = next(c for c in calls if c.startswith("report ") and "--plot-updates" in c)
     assert "--at-updates 60,120,180,240,300" in report and "--at " not in report
     # Its runs take the en-ja probes of this machine kind, and the plot against projected time.

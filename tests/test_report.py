@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import overlapped, stub_nmt
 from typer.testing import CliRunner
 
 from cli.main import app
@@ -491,11 +492,6 @@ def test_converge_script_trains_by_updates_and_evaluates_only_what_stopped_on_it
     import subprocess
 
     script = RECIPES / "converge.sh"
-    stub = tmp_path / "bin" / "nmt"  # writes down its arguments, makes run directories as nmt train does
-    stub.parent.mkdir()
-    stub.write_text('#!/bin/bash\necho "$*" >> "$NMT_CALLS"\n'
-                    'while [ $# -gt 0 ]; do [ "$1" = --run ] && mkdir -p "$2"; shift; done\n')
-    stub.chmod(0o755)
     out = tmp_path / "out"
     done = out / "gnmt-seed1"  # stopped by its patience: evaluated, not trained again
     done.mkdir(parents=True)
@@ -505,14 +501,14 @@ def test_converge_script_trains_by_updates_and_evaluates_only_what_stopped_on_it
     capped.mkdir(parents=True)
     (capped / "log.jsonl").write_text(json.dumps({"event": "end", "step": 500,
                                                   "reason": "reached train.max_steps=500"}) + "\n")
-    env = {**os.environ, "PATH": f"{stub.parent}:{os.environ['PATH']}", "NMT_CALLS": str(tmp_path / "calls"),
-           "OUT": str(out), "JOBS": "2", "CAP": "8000"}
+    env = stub_nmt(tmp_path, OUT=str(out), JOBS="2", CAP="8000")
     subprocess.run(["bash", str(script)], env=env, check=True, capture_output=True)
     calls = (tmp_path / "calls").read_text().splitlines()
     trains = sorted(c for c in calls if c.startswith("train "))
     assert len(trains) == 3 and not [c for c in trains if f"{done} " in c + " "]
     assert all("train.max_minutes=0" in c and "train.max_steps=8000" in c and "train.patience=6" in c
                and "train.threads=1" in c for c in trains)
+    assert overlapped(tmp_path) == 2  # JOBS=2: two runs at a time, never three
     # Only the run that ended by itself is scored; the others stopped without an end record (a signal).
     assert [c for c in calls if c.startswith("eval ")] == [c for c in calls if c.startswith(f"eval --model {done} ")]
     assert len([c for c in calls if c.startswith("eval ")]) == 1
@@ -528,14 +524,7 @@ def test_compare_script_trains_every_pair_and_seed_and_reports_each_pair(tmp_pat
 
     script = RECIPES / "compare.sh"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
-    # An nmt that only writes down its arguments (and makes the run directories, as nmt train does).
-    stub = tmp_path / "bin" / "nmt"
-    stub.parent.mkdir()
-    stub.write_text('#!/bin/bash\necho "$*" >> "$NMT_CALLS"\n'
-                    'while [ $# -gt 0 ]; do [ "$1" = --run ] && mkdir -p "$2"; shift; done\n')
-    stub.chmod(0o755)
-    env = {**os.environ, "PATH": f"{stub.parent}:{os.environ['PATH']}", "NMT_CALLS": str(tmp_path / "calls"),
-           "PAIRS": "en-de en-cs", "SEEDS": "1 2", "BUDGET": "5", "OUT": str(tmp_path / "out")}
+    env = stub_nmt(tmp_path, PAIRS="en-de en-cs", SEEDS="1 2", BUDGET="5", OUT=str(tmp_path / "out"))
     out = tmp_path / "out"
     # A finished run kept without its checkpoints (as the committed answer is) is not trained or
     # evaluated again; one that still has last.pt is resumed.
@@ -549,6 +538,7 @@ def test_compare_script_trains_every_pair_and_seed_and_reports_each_pair(tmp_pat
     trains = [c for c in calls if c.startswith("train ")]
     # en-de compares three recipes (the 6+1 Transformer too), en-cs two; one en-de run is kept.
     assert len(trains) == 9 and sum("gnmt-en-cs.yaml" in c and "train.seed=2" in c for c in trains) == 1
+    assert overlapped(tmp_path) == 1  # a minutes budget: each run alone on the machine
     assert sum("multi30k/transformer-deep-enc.yaml" in c for c in trains) == 2
     assert not [c for c in calls if f"{kept} " in c + " " and not c.startswith("report ")]
     assert sum(f"{resumed} " in c + " " for c in calls if not c.startswith("report ")) == 2  # train, eval

@@ -31,6 +31,7 @@
 # evaluated again, so the runs of one answer can be made on different days (on the same CPU kind).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+source recipes/multi30k/pool.sh
 
 PAIRS=${PAIRS:-en-de}
 SEEDS=${SEEDS:-1}
@@ -144,7 +145,6 @@ for pair in $PAIRS; do
         [ "${#todo[@]}" -eq 0 ] || [ -f "$shared/spm.model" ] || nmt prepare \
             "$(recipe "${todo[0]%%:*}" "$pair")" --run "$shared" --no-progress >&2
     fi
-    pids=()
     for job in ${todo[@]+"${todo[@]}"}; do
         model=${job%%:*} seed=${job#*:} run=$dir/${job%%:*}-seed${job#*:}
         reuse=()
@@ -156,10 +156,9 @@ for pair in $PAIRS; do
                 "${budget[@]}" --set train.valid_every=200 ${reuse[@]+"${reuse[@]}"}
             nice -n "$NICE" nmt eval --model "$run" --src "$data/$split.$src" --ref "$data/$split.$tgt" --beam 5
         ) &
-        pids+=($!)
-        if [ -z "$UPDATES" ] || [ "${#pids[@]}" -ge "$JOBS" ]; then wait "${pids[0]}"; pids=("${pids[@]:1}"); fi
+        pool_add $! "$([ -n "$UPDATES" ] && echo "$JOBS" || echo 1)"  # a minutes budget: one at a time
     done
-    for p in ${pids[@]+"${pids[@]}"}; do wait "$p"; done
+    pool_wait
     for model in $(models "$pair"); do
         [ -f "$dir/$model-seed$first/best.pt" ] || continue  # a kept run keeps its plot
         # matplotlib's default font (DejaVu Sans) has no Japanese glyphs: every Japanese label would be

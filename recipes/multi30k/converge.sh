@@ -55,15 +55,14 @@ train() {  # train MODEL SEED: train or resume one run, then its test score at b
         --src "$ROOT/multi30k/test2016.en" --ref "$ROOT/multi30k/test2016.de" --beam 5 >>"$OUT/$1-seed$2.log" 2>&1
 }
 
-pids=()
+source recipes/multi30k/pool.sh
 for seed in $SEEDS; do
     for model in $MODELS; do
         train "$model" "$seed" &
-        pids+=($!)
-        if [ "${#pids[@]}" -ge "$JOBS" ]; then wait "${pids[0]}"; pids=("${pids[@]:1}"); fi
+        pool_add $! "$JOBS"
     done
 done
-for p in ${pids[@]+"${pids[@]}"}; do wait "$p"; done
+pool_wait
 
 runs=()
 for model in $MODELS; do for seed in $SEEDS; do runs+=("$OUT/$model-seed$seed"); done; done
