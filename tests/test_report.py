@@ -253,6 +253,10 @@ def test_a_resumed_run_is_not_reported_finished(tmp_path: Path) -> None:
     RunLog(run / "log.jsonl").truncate_after(300)  # what resuming from last.pt at step 300 does
     assert report.summarize(run).status == "unfinished"  # until the resumed run writes its own end
     assert runner.invoke(app, ["report", str(run)]).stdout.count("a (unfinished)") == 1
+    # Stopped again right after it resumed: its training time is still the time it trained.
+    with open(run / "log.jsonl", "a", encoding="utf-8") as log:
+        log.write(json.dumps({"event": "resume", "step": 300, "cpu": "AMD EPYC (2 cores)"}) + "\n")
+    assert (report.summarize(run).train_minutes, report.summarize(run).valid_minutes) == (15.0, 1.0)
 
 
 def test_rerunning_a_finished_run_keeps_it_finished(trained_run: Path, tmp_path: Path) -> None:

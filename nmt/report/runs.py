@@ -249,6 +249,7 @@ def summarize(run: Path, target: float | None = None, at: list[float] = (), at_u
     valid = [r for r in records if r["event"] == "valid"]
     end = runlog.last(records, "end")
     last = records[-1]
+    timed = next((r for r in reversed(records) if "train_seconds" in r), {})  # not a resume record
     cfg = read_config(run)
     test, test_note = _test_result(run, cfg, records)
     spm = run / rundir.MODEL_FILE
@@ -264,8 +265,8 @@ def summarize(run: Path, target: float | None = None, at: list[float] = (), at_u
         steps=last.get("step", 0),
         epochs=max((r.get("epoch", 1) for r in records), default=1),
         status="finished" if end else "unfinished",
-        train_minutes=last.get("train_seconds", 0.0) / 60,
-        valid_minutes=last.get("valid_seconds", 0.0) / 60,
+        train_minutes=timed.get("train_seconds", 0.0) / 60,
+        valid_minutes=timed.get("valid_seconds", 0.0) / 60,
         tokens_per_s=statistics.median(r["tokens_per_s"] for r in train) if train else None,
         best_valid_bleu=max((r["valid_bleu"] for r in valid), default=None),
         test_bleu=test["BLEU"]["score"] if test else None,
