@@ -142,23 +142,24 @@ def shared_data() -> Path | None:
     return None
 
 
-def stub_nmt(tmp_path: Path, **env: str) -> dict:
+def stub_nmt(tmp_path: Path, train_s: float = 0.1, **env: str) -> dict:
     """The environment of a script run against an nmt that only writes down its arguments.
 
     Each call is a line of tmp_path/calls; --run directories are made, as nmt train makes them.
-    `nmt train` also lasts 0.2 s and writes "start RUN" and "end RUN" to tmp_path/timeline, so a
-    test can tell which runs trained at the same time.
+    `nmt train` also lasts ``train_s`` seconds and writes "start RUN" and "end RUN" to
+    tmp_path/calls.timeline, so a test can tell which runs trained at the same time (give runs
+    that should overlap long enough to start together on a slow machine).
     """
     stub = tmp_path / "bin" / "nmt"
     stub.parent.mkdir()
     stub.write_text('#!/bin/bash\necho "$*" >> "$NMT_CALLS"\nrun=""\n'
                     'for ((i = 1; i <= $#; i++)); do [ "${!i}" = --run ] && j=$((i + 1)) && run=${!j}; done\n'
                     '[ -z "$run" ] || mkdir -p "$run"\n'
-                    'if [ "$1" = train ]; then echo "start $run" >> "$NMT_CALLS.timeline"; sleep 0.2;'
+                    'if [ "$1" = train ]; then echo "start $run" >> "$NMT_CALLS.timeline"; sleep "$STUB_TRAIN_S";'
                     ' echo "end $run" >> "$NMT_CALLS.timeline"; fi\n')
     stub.chmod(0o755)
     return {**os.environ, "PATH": f"{stub.parent}:{os.environ['PATH']}", "NMT_CALLS": str(tmp_path / "calls"),
-            **env}
+            "STUB_TRAIN_S": str(train_s), **env}
 
 
 def overlapped(tmp_path: Path) -> int:

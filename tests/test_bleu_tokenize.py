@@ -212,7 +212,7 @@ def test_compare_script_runs_en_ja_and_ja_en_on_their_recipes_and_data(tmp_path:
 
 
 def test_compare_script_budgets_updates_runs_them_together_and_reports_by_updates(tmp_path: Path) -> None:
-    env = enja_env(tmp_path, PAIRS="en-ja", UPDATES="300", JOBS="2", THREADS="1")
+    env = {**enja_env(tmp_path, PAIRS="en-ja", UPDATES="300", JOBS="2", THREADS="1"), "STUB_TRAIN_S": "1"}
     data = tmp_path / "data" / "small_parallel_enja"
     data.mkdir(parents=True)
     for lang in ("en", "ja"):

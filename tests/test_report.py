@@ -505,7 +505,7 @@ def test_converge_script_trains_by_updates_and_evaluates_only_what_stopped_on_it
     capped.mkdir(parents=True)
     (capped / "log.jsonl").write_text(json.dumps({"event": "end", "step": 500,
                                                   "reason": "reached train.max_steps=500"}) + "\n")
-    env = stub_nmt(tmp_path, OUT=str(out), JOBS="2", CAP="8000")
+    env = stub_nmt(tmp_path, train_s=1, OUT=str(out), JOBS="2", CAP="8000")
     subprocess.run(["bash", str(script)], env=env, check=True, capture_output=True)
     calls = (tmp_path / "calls").read_text().splitlines()
     trains = sorted(c for c in calls if c.startswith("train "))

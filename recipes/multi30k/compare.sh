@@ -138,9 +138,9 @@ for pair in $PAIRS; do
         here=$(nmt hardware ${made[@]+"${made[@]}"})
         case "$here" in *"$KIND"*) ;; *) echo "compare.sh: this machine is $here, not $KIND" >&2; exit 1;; esac
     fi
-    budget=(--set train.max_minutes="$BUDGET")
+    budget=(--set train.max_minutes="$BUDGET") at_once=1  # a minutes budget: each run alone
     if [ -n "$UPDATES" ]; then
-        budget=(--set train.max_minutes=0 --set train.max_steps="$UPDATES")
+        budget=(--set train.max_minutes=0 --set train.max_steps="$UPDATES") at_once=$JOBS
         [ -z "$THREADS" ] || budget+=(--set train.threads="$THREADS")
         # The pair's SentencePiece model first, so that runs started together can all reuse it.
         [ "${#todo[@]}" -eq 0 ] || [ -f "$shared/spm.model" ] || nmt prepare \
@@ -157,7 +157,7 @@ for pair in $PAIRS; do
                 "${budget[@]}" --set train.valid_every=200 ${reuse[@]+"${reuse[@]}"}
             nice -n "$NICE" nmt eval --model "$run" --src "$data/$split.$src" --ref "$data/$split.$tgt" --beam 5
         ) &
-        pool_add $! "$([ -n "$UPDATES" ] && echo "$JOBS" || echo 1)"  # a minutes budget: one at a time
+        pool_add $! "$at_once"
     done
     pool_wait
     for model in $(models "$pair"); do
