@@ -183,9 +183,9 @@ def test_enja_recipes_find_their_files_when_nmt_data_holds_them() -> None:
             assert len(path.read_text(encoding="utf-8").splitlines()) == lines, path
 
 
-def enja_env(tmp_path: Path, **env: str) -> dict:
+def enja_env(tmp_path: Path, train_s: float = 0.1, **env: str) -> dict:
     """compare.sh's environment for en-ja and ja-en against a stub nmt."""
-    return stub_nmt(tmp_path, **{"PAIRS": "en-ja ja-en", "BUDGET": "5", "OUT": str(tmp_path / "out"),
+    return stub_nmt(tmp_path, train_s, **{"PAIRS": "en-ja ja-en", "BUDGET": "5", "OUT": str(tmp_path / "out"),
                                  "NMT_DATA": str(tmp_path / "data"), **env})
 
 
@@ -212,7 +212,7 @@ def test_compare_script_runs_en_ja_and_ja_en_on_their_recipes_and_data(tmp_path:
 
 
 def test_compare_script_budgets_updates_runs_them_together_and_reports_by_updates(tmp_path: Path) -> None:
-    env = {**enja_env(tmp_path, PAIRS="en-ja", UPDATES="300", JOBS="2", THREADS="1"), "STUB_TRAIN_S": "1"}
+    env = enja_env(tmp_path, train_s=1, PAIRS="en-ja", UPDATES="300", JOBS="2", THREADS="1")
     data = tmp_path / "data" / "small_parallel_enja"
     data.mkdir(parents=True)
     for lang in ("en", "ja"):
