@@ -3,7 +3,10 @@
 A probe builds the recipe's model and optimizer with the trainer itself (``nmt.train.Trainer``,
 on a scratch run directory), warms up, then times real updates made as the training loop makes
 them (the trainer's ``update``, the per-update collective of host numbers, prefetch where the
-recipe has it), the device waited for at both ends of each timed window. Its JSON file (``FORMAT``)
+recipe has it), the device waited for at both ends of each timed window. The timed updates are not
+the next ones of the epoch but batches taken at even steps through its length order
+(``spread_updates``): an update's cost follows its sentences' length, and a few consecutive batches
+of one shuffle can all be short, or all long. Its JSON file (``FORMAT``)
 records seconds per update, target tokens/s, peak memory, the hardware (``nmt.hardware``),
 precision, ranks and the whole resolved recipe, from which ``nmt report --time-from`` projects a
 run's training time onto this hardware (``nmt.report.projection``).
@@ -19,6 +22,7 @@ over the timed updates, recorded, and above ``OTHER_LOAD_LIMIT`` the probe is re
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import resource
@@ -34,7 +38,7 @@ import numpy as np
 import torch
 
 from nmt import config, distributed, rundir
-from nmt.batching import EpochBatches, Prefetch, Update
+from nmt.batching import BatchOrder, EpochBatches, Prefetch, Update
 from nmt.config import Config
 from nmt.corpus import PreparedCorpus
 from nmt.errors import NmtError
@@ -49,6 +53,7 @@ FORMAT = 1  # the version of the probe file's layout; a reader refuses any other
 WARMUP = 3  # updates before the clock starts: kernels chosen, Adam's state made, caches warm
 WINDOWS = 5  # the timed updates are split into this many windows; seconds per update is their median
 LOAD_WINDOW_S = 2.0  # seconds over which the load before the probe is measured
+TIMED = "updates at even steps through the first epoch's batches in length order"  # files before it: "timed" absent
 SYNTHETIC_PAIRS = 100_000  # pairs drawn from a length histogram: enough for the batcher's buckets to look real
 
 
@@ -172,6 +177,20 @@ def timed_updates(trainer: Trainer, updates: Iterator[Update], count: int) -> tu
     return time.perf_counter() - start, tokens
 
 
+def spread_updates(batches: EpochBatches, update_freq: int, count: int, windows: int) -> list[Update]:
+    """``count`` updates of ``update_freq`` micro-batches of this rank's first epoch, taken at even steps
+    through its batches in length order and dealt round-robin to ``windows`` consecutive windows (as
+    ``_windows`` sizes them): the timed updates hold the epoch's mix of short and long sentences, and
+    so does each window. Update ``j``'s micro-batches lie ``count`` steps apart in that order."""
+    order = batches.epoch(1)
+    by_length = np.sort(order.order)  # batch numbers grow with the length of their pairs
+    wanted = count * update_freq
+    picks = by_length[((np.arange(wanted) + 0.5) * len(by_length) / wanted).astype(np.int64)]
+    groups = [BatchOrder(order.pairs, order.starts, picks[j::count]) for j in range(count)]
+    dealt = [j for w in range(windows) for j in range(w, count, windows)]
+    return [Update(groups[j], batches.target_tokens(groups[j]), 1, (1, 0)) for j in dealt]
+
+
 def _windows(steps: int) -> list[int]:
     """``steps`` updates split into at most WINDOWS windows, as evenly as they go."""
     k = min(WINDOWS, steps)
@@ -181,11 +200,13 @@ def _windows(steps: int) -> list[int]:
 def measure(trainer: Trainer, steps: int, warmup: int) -> tuple[list[tuple[int, float, int]], CpuSample, CpuSample]:
     """(updates, seconds, target tokens) of each timed window after ``warmup`` updates, and the CPU clocks
     (``nmt.hardware.cpu_sample``) when the timed windows began and ended."""
-    updates = trainer.prefetched(trainer.updates)
+    sizes = _windows(steps)
+    spread = spread_updates(trainer.batches, trainer.cfg.train.update_freq, steps, len(sizes))
+    updates = trainer.prefetched(itertools.chain(itertools.islice(trainer.updates, warmup), spread))
     try:
         timed_updates(trainer, updates, warmup)
         before = cpu_sample()
-        windows = [(n, *timed_updates(trainer, updates, n)) for n in _windows(steps)]
+        windows = [(n, *timed_updates(trainer, updates, n)) for n in sizes]
         return windows, before, cpu_sample()
     finally:
         if isinstance(updates, Prefetch):
@@ -267,7 +288,7 @@ def _record(cfg: Config, trainer: Trainer, windows: list[tuple[int, float, int]]
         "precision": tc.precision, "tf32": trainer.tf32, "ranks": trainer.world_size,
         "threads": torch.get_num_threads(), "torch": torch.__version__,
         "effective_batch_tokens": trainer.world_size * tc.max_tokens * tc.update_freq,
-        "batches": batches, "load": load,
+        "batches": batches, "timed": TIMED, "load": load,
         "measured_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "config": config.to_dict(cfg),
     }
@@ -348,8 +369,9 @@ def describe(record: dict, out: Path) -> str:
     """A probe's result in one line, for the terminal."""
     load = record["load"]
     loads = ", ".join(f"{'–' if load[k] is None else format(load[k], '.0%')} {k}" for k in ("before", "during"))
+    timed = "spread over an epoch's lengths" if record.get("timed") else "in epoch order"
     return (f"{record['recipe']} on {machine_label(record)}: {record['seconds_per_update']:.4g} s/update (median of "
-            f"{len(record['window_seconds_per_update'])} windows, {record['updates']} updates after "
+            f"{len(record['window_seconds_per_update'])} windows, {record['updates']} updates {timed} after "
             f"{record['warmup']} warm-up), {record['target_tokens_per_s']:,.0f} target tokens/s, peak "
             f"{record['peak_memory_mib']:,.0f} MiB; batches from {record['batches']}; other processes' load "
             f"{loads}{' (forced)' if load['forced'] else ''} -> {out}")

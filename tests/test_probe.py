@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from nmt import config, hardware, probe, rundir, runlog
+from nmt.batching import EpochBatches
 from nmt.errors import NmtError
 from nmt.train import train
 
@@ -128,7 +129,7 @@ def test_probe_of_a_run_writes_its_figures(run: Path, tmp_path: Path, idle) -> N
     assert found["updates"] == 3 and found["warmup"] == 1 and len(found["window_seconds_per_update"]) == 3
     assert (found["device"], found["cpu"], found["cpu_kind"]) == ("cpu", here["cpu"], here["cpu_kind"])
     assert (found["precision"], found["ranks"], found["effective_batch_tokens"]) == ("fp32", 1, 600)
-    assert found["batches"] == "the corpus"
+    assert found["batches"] == "the corpus" and found["timed"] == probe.TIMED and "spread over" in output
     assert found["load"]["before"] == 0.0 and found["load"]["limit"] == hardware.OTHER_LOAD_LIMIT
     assert found["config"]["model"] == yaml.safe_load((run / "config.yaml").read_text())["model"]
 
@@ -167,6 +168,23 @@ def test_synthetic_batches_keep_the_histograms_lengths(run: Path) -> None:
     bins = {(s, t) for s, t, _ in lengths["counts"]}
     assert len(corpus) == 1000 and set(zip(corpus.src_lens.tolist(), corpus.tgt_lens.tolist())) <= bins
     assert int(corpus.src.tokens.min()) > 3 and int(corpus.tgt.tokens.max()) < lengths["vocab_size"]  # no special ids
+
+
+def test_timed_updates_cover_the_epochs_lengths_not_its_first_batches(run: Path) -> None:
+    batches = EpochBatches(probe.synthetic_corpus(rundir.read_lengths(run), seed=1, pairs=3000), 600, seed=1)
+    numbers = batches.epoch(1).order  # batch numbers grow with their pairs' length; training order is shuffled
+    every = probe.spread_updates(batches, update_freq=1, count=len(numbers), windows=5)
+    assert sorted(int(u.batches.order[0]) for u in every) == sorted(numbers.tolist())  # an epoch's worth: each once
+    updates = probe.spread_updates(batches, update_freq=1, count=10, windows=5)
+    picked = [int(u.batches.order[0]) for u in updates]
+    half = len(numbers) // 2
+    for w in range(5):  # each window of 2 updates: one batch of the shorter half, one of the longer
+        window = picked[2 * w : 2 * w + 2]
+        assert min(window) < half <= max(window)
+    assert picked != numbers[:10].tolist()
+    assert all(u.target_tokens == batches.target_tokens(u.batches) for u in updates)
+    grouped = probe.spread_updates(batches, update_freq=2, count=4, windows=2)
+    assert all(len(u.batches) == 2 and u.batches.order[0] < half <= u.batches.order[1] for u in grouped)
 
 
 def test_probe_is_refused_under_load_unless_forced(run: Path, tmp_path: Path, monkeypatch) -> None:
