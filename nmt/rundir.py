@@ -207,10 +207,15 @@ def open_run(cfg: Config, run_dir: Path, write: bool = True) -> tuple[Config, bo
     run_dir.mkdir(parents=True, exist_ok=True)
     saved_path = run_dir / CONFIG_FILE
     resume = checkpoint_path(run_dir, "last").exists()
-    ended = None if resume else RunLog(run_dir / LOG_FILE).end_step()
-    if ended is not None:  # starting afresh would write over a finished run's log and recipe
-        raise NmtError(f"{run_dir} holds a run that finished at step {ended} and has no last.pt to go on "
-                       f"from; train into a new --run directory (or remove its {LOG_FILE} to start over)")
+    if not resume:  # starting afresh would write over a trained run's log and recipe
+        runlog = RunLog(run_dir / LOG_FILE)
+        ended, saved = runlog.end_step(), runlog.saved_step()  # a start that saved nothing starts over
+        if ended is not None or saved is not None:
+            how = f"finished at step {ended}" if ended is not None else \
+                f"stopped at step {runlog.last_step()}, saved at {saved} (its last.pt was lost or not copied with it)"
+            raise NmtError(f"{run_dir} holds a run that {how} and has no last.pt to go on from; put its "
+                           f"last.pt back to resume, or train into a new --run directory (or remove its "
+                           f"{LOG_FILE} to start over)")
     if resume and saved_path.exists():
         saved = config.load_recipe(saved_path)
         blocking = [c for c in config.changed_keys(config.to_dict(saved), config.to_dict(cfg))

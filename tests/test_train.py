@@ -231,12 +231,27 @@ def test_a_finished_run_without_checkpoints_is_not_overwritten(tmp_path: Path, c
     assert (run / "log.jsonl").read_text() == log
 
 
+def test_a_stopped_run_whose_last_pt_was_lost_is_not_overwritten(tmp_path: Path, corpus: Path, spm_model: str) -> None:
+    run = tmp_path / "run"
+    train(small(corpus, spm_model, max_steps=4, valid_every=2), run, progress_bar=False)
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    # Stopped by a signal after validating (no end record), then moved without its git-ignored checkpoints.
+    (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records if r.get("event") != "end"))
+    for path in run.glob("*.pt"):
+        path.unlink()
+    log = (run / "log.jsonl").read_text()
+    with pytest.raises(NmtError, match=rf"{run} holds a run that stopped at step 4, saved at 4 .*last.pt back"):
+        train(small(corpus, spm_model, max_steps=8, valid_every=2), run, progress_bar=False)
+    assert (run / "log.jsonl").read_text() == log
+
+
 def test_a_start_that_saved_nothing_is_started_over(tmp_path: Path, corpus: Path, spm_model: str) -> None:
     run = tmp_path / "run"
     train(small(corpus, spm_model, max_steps=2, valid_every=0), run, progress_bar=False)
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-    # As if it had crashed after logging, before its first checkpoint: no last.pt, no end.
-    (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records if r.get("event") != "end"))
+    # As if it had crashed after logging, before its first checkpoint: no last.pt, no validation, no end.
+    (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records
+                                           if r.get("event") not in ("valid", "end")))
     for path in run.glob("*.pt"):
         path.unlink()
     train(small(corpus, spm_model, max_steps=2, valid_every=0), run, progress_bar=False)
