@@ -209,10 +209,10 @@ def open_run(cfg: Config, run_dir: Path, write: bool = True) -> tuple[Config, bo
     resume = checkpoint_path(run_dir, "last").exists()
     if not resume:  # starting afresh would write over a trained run's log and recipe
         runlog = RunLog(run_dir / LOG_FILE)
-        ended, saved = runlog.end_step(), runlog.saved_step()  # a start that saved nothing starts over
-        if ended is not None or saved is not None:
+        ended, saved_at = runlog.end_step(), runlog.saved_step()  # a start that saved nothing starts over
+        if ended is not None or saved_at is not None:
             how = f"finished at step {ended}" if ended is not None else \
-                f"stopped at step {runlog.last_step()}, saved at {saved} (its last.pt was lost or not copied with it)"
+                f"stopped at step {runlog.last_step()}, saved at {saved_at} (its last.pt lost or not copied with it)"
             raise NmtError(f"{run_dir} holds a run that {how} and has no last.pt to go on from; put its "
                            f"last.pt back to resume, or train into a new --run directory (or remove its "
                            f"{LOG_FILE} to start over)")
