@@ -254,10 +254,10 @@ def test_translate_and_eval_with_a_shortlist(listed_run: Path, corpus: Path) -> 
     assert short.exit_code == 0, short.output
     lines, full_lines = short.stdout.split("\n"), full.stdout.split("\n")
     assert len(lines) == len(full_lines) == 14 and lines[6] == ""  # a line each, the empty one kept
-    # A list this wide holds what the model says, for nearly every sentence: the output layer over
-    # fewer columns and the softmax over a list round differently in the last bits, which can turn
-    # a near tie of this tiny model (on one kind of CPU, one sentence of twelve, even with a list
-    # of every target piece).
+    # A list this wide holds what the model says, for nearly every sentence: scores from the output
+    # layer over fewer columns, normalized over the list, differ slightly from the full ones, which
+    # can turn a near tie of this tiny model (on one kind of CPU, one sentence of twelve, even with
+    # a list of every target piece).
     same = [a == b for i, (a, b) in enumerate(zip(lines[:13], full_lines)) if i != 6]
     assert len(same) == 12 and sum(same) >= 10
     result = run("eval", "--model", str(listed_run), "--src", str(corpus / "test.en"), "--ref",
