@@ -523,6 +523,21 @@ def test_converge_script_trains_by_updates_and_evaluates_only_what_stopped_on_it
     assert "--baseline transformer-seed1 --breakdown length --breakdown frequency" in breakdown
 
 
+def test_converge_script_says_why_a_run_was_refused(tmp_path: Path) -> None:
+    import subprocess
+
+    env = stub_nmt(tmp_path, OUT=str(tmp_path / "out"), MODELS="gnmt", SEEDS="1")
+    refusing = tmp_path / "bin" / "nmt"  # as nmt train answers a run directory whose last.pt was lost
+    refusing.write_text('#!/bin/bash\necho "$*" >> "$NMT_CALLS"\nif [ "$1" = train ]; then\n'
+                        '  echo "nmt: RUN holds a run that stopped at step 6883, saved at 6750; put its last.pt back" >&2\n'
+                        '  exit 1\nfi\n')
+    done = subprocess.run(["bash", str(RECIPES / "converge.sh")], env=env, capture_output=True, text=True)
+    assert done.returncode == 1
+    assert f"converge.sh: {tmp_path}/out/gnmt-seed1: nmt: RUN holds a run that stopped at step 6883" in done.stderr
+    calls = (tmp_path / "calls").read_text()
+    assert "eval " not in calls and "report " not in calls  # nothing scored or reported after it
+
+
 def test_compare_script_trains_every_pair_and_seed_and_reports_each_pair(tmp_path: Path) -> None:
     import subprocess
 

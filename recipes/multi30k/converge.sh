@@ -48,7 +48,11 @@ train() {  # train MODEL SEED: train or resume one run, then its test score at b
         nice -n "$NICE" nmt train "recipes/multi30k/$1.yaml" --run "$run" --no-test \
             --set train.seed="$2" --set train.max_minutes=0 --set train.max_steps="$CAP" \
             --set train.patience="$PATIENCE" --set train.valid_every="$VALID_EVERY" \
-            --set train.threads="$THREADS" --set tokenizer.reuse="$SHARED" >>"$OUT/$1-seed$2.log" 2>&1
+            --set train.threads="$THREADS" --set tokenizer.reuse="$SHARED" >>"$OUT/$1-seed$2.log" 2>&1 || {
+            local status=$?  # refused or stopped: say why here too, not only in the run's log
+            echo "converge.sh: $run: $(tail -n 1 "$OUT/$1-seed$2.log")" >&2
+            return "$status"
+        }
     fi
     finished "$run" || return 0  # stopped by a signal: resumed by the next run of this script
     compgen -G "$run/eval/*.json" >/dev/null || nice -n "$NICE" nmt eval --model "$run" \
