@@ -36,11 +36,10 @@ from typing import Any
 
 import torch
 
-from nmt import checkpoint, config
+from nmt import checkpoint, config, runlog
 from nmt.config import Config
 from nmt.errors import NmtError
 from nmt.files import sha256, write_text_atomic
-from nmt.runlog import RunLog
 from nmt.tokenizer import MODEL_FILE, Tokenizer
 
 log = logging.getLogger("nmt")
@@ -208,11 +207,12 @@ def open_run(cfg: Config, run_dir: Path, write: bool = True) -> tuple[Config, bo
     saved_path = run_dir / CONFIG_FILE
     resume = checkpoint_path(run_dir, "last").exists()
     if not resume:  # starting afresh would write over a trained run's log and recipe
-        runlog = RunLog(run_dir / LOG_FILE)
-        ended, saved_at = runlog.end_step(), runlog.saved_step()  # a start that saved nothing starts over
-        if ended is not None or saved_at is not None:
-            how = f"finished at step {ended}" if ended is not None else \
-                f"stopped at step {runlog.last_step()}, saved at {saved_at} (its last.pt lost or not copied with it)"
+        records = runlog.read(run_dir / LOG_FILE)
+        # Checkpoints are written at each validation: a start that saved nothing starts over.
+        ended, saved = runlog.last(records, "end"), runlog.last(records, "valid")
+        if ended or saved:
+            how = f"finished at step {ended.get('step', 0)}" if ended else \
+                f"was logged to step {max(r.get('step', 0) for r in records)}, saved at {saved.get('step', 0)}"
             raise NmtError(f"{run_dir} holds a run that {how} and has no last.pt to go on from; put its "
                            f"last.pt back to resume, or train into a new --run directory (or remove its "
                            f"{LOG_FILE} to start over)")

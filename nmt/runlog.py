@@ -127,20 +127,6 @@ class RunLog:
                 kept.append(line)
         self.path.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
 
-    def end_step(self) -> int | None:
-        """The step of the last ``end`` record, if the log has one (the run finished or stopped)."""
-        end = last(self.records(), "end")
-        return end.get("step", 0) if end else None
-
-    def last_step(self) -> int:
-        """The highest step any record reached: 0 for a log that is missing or holds no update."""
-        return max((r.get("step", 0) for r in self.records()), default=0)
-
-    def saved_step(self) -> int | None:
-        """The step of the last ``valid`` record (a run writes its checkpoints at each validation), if any."""
-        valid = last(self.records(), "valid")
-        return valid.get("step", 0) if valid else None
-
     def restore_end(self) -> None:
         """Put back the ``end`` record dropped on resuming, for a run that had nothing left to train."""
         if self.enabled and self._dropped_end is not None:

@@ -529,11 +529,11 @@ def test_converge_script_says_why_a_run_was_refused(tmp_path: Path) -> None:
     env = stub_nmt(tmp_path, OUT=str(tmp_path / "out"), MODELS="gnmt", SEEDS="1")
     refusing = tmp_path / "bin" / "nmt"  # as nmt train answers a run directory whose last.pt was lost
     refusing.write_text('#!/bin/bash\necho "$*" >> "$NMT_CALLS"\nif [ "$1" = train ]; then\n'
-                        '  echo "nmt: RUN holds a run that stopped at step 6883, saved at 6750; put last.pt back" >&2\n'
+                        '  echo "nmt: RUN holds a run that was logged to step 6850, saved at 6750" >&2\n'
                         '  exit 1\nfi\n')
     done = subprocess.run(["bash", str(RECIPES / "converge.sh")], env=env, capture_output=True, text=True)
     assert done.returncode == 1
-    assert f"converge.sh: {tmp_path}/out/gnmt-seed1: nmt: RUN holds a run that stopped at step 6883" in done.stderr
+    assert f"converge.sh: {tmp_path}/out/gnmt-seed1: nmt: RUN holds a run that was logged to step 6850" in done.stderr
     calls = (tmp_path / "calls").read_text()
     assert "eval " not in calls and "report " not in calls  # nothing scored or reported after it
 

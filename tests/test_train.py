@@ -240,7 +240,7 @@ def test_a_stopped_run_whose_last_pt_was_lost_is_not_overwritten(tmp_path: Path,
     for path in run.glob("*.pt"):
         path.unlink()
     log = (run / "log.jsonl").read_text()
-    with pytest.raises(NmtError, match=rf"{run} holds a run that stopped at step 4, saved at 4 .*last.pt back"):
+    with pytest.raises(NmtError, match=rf"{run} holds a run that was logged to step 4, saved at 4 .*last.pt back"):
         train(small(corpus, spm_model, max_steps=8, valid_every=2), run, progress_bar=False)
     assert (run / "log.jsonl").read_text() == log
 
